@@ -1,0 +1,44 @@
+# d2c-sr developer entry points. Every target sets itself up: it creates .venv at the
+# repository root if missing and installs torch/torchvision, basicsr and this package.
+#   make demo   - the main job: train a small D2C-SR on real photos on CPU, report PSNR/SSIM
+#   make test   - the test suite
+#   make bench  - benchmarks (print numbers; not part of the tests)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.d2c-sr-installed
+
+# torch/torchvision pairs known to import together here; override e.g.
+#   make test TORCH_PKGS="torch==2.5.1 torchvision==0.20.1"
+ARCH := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH_PKGS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install $(TORCH_PKGS)
+	# basicsr 1.4.2 ships only a source archive whose setup.py imports torch
+	$(BIN)/python -m pip install --no-build-isolation "basicsr==1.4.2"
+	$(BIN)/python -m pip install --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_loader.py
+
+clean:
+	rm -rf experiments results tb_logger build *.egg-info

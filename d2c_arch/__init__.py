@@ -1,0 +1,9 @@
+"""D2C-SR architectures; importing this package registers them in BasicSR's ``ARCH_REGISTRY``."""
+import d2c_compat
+
+d2c_compat.apply()  # must run before the first ``import basicsr``
+
+from .branch_util import BRANCH_REGISTRY, EDSRBranch, RCANBranch  # noqa: E402
+from .d2c_arch import D2CNet, is_convergence_key  # noqa: E402
+
+__all__ = ['D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'is_convergence_key']

@@ -1,0 +1,206 @@
+"""D2CNet: the divergence network and the convergence network of D2C-SR in one module.
+
+Paper: Li et al., "D2C-SR: A Divergence to Convergence Approach for Real-World Image
+Super-Resolution", ECCV 2022, Sec. 3.2-3.3.
+"""
+import torch
+from torch import nn as nn
+from torch.nn import functional as F
+
+from basicsr.archs.arch_util import Upsample
+from basicsr.utils.registry import ARCH_REGISTRY
+from .branch_util import BRANCH_REGISTRY
+
+SUPPORTED_SCALES = (2, 3, 4, 8)
+CONVERGENCE_PREFIX = 'convergence.'
+STAGES = ('full', 'divergence', 'convergence')
+
+
+@ARCH_REGISTRY.register()
+class D2CNet(nn.Module):
+    """D2C-SR network: a tree of branches that diverge, fused per pixel.
+
+    Divergence network (state-dict keys not starting with ``convergence.``):
+    shallow conv ``head`` -> a tree of depth ``tree_depth`` (L) where every node has
+    ``tree_width`` (C) children, each node a basic branch module (``tree.<level>.<node>``)
+    -> for every one of the P = C^L leaves, the multi-branch deep residual structure
+    (``res_convs.<leaf>.<k>``: walking from the leaf up, ``h = conv_k(h) + ancestor``, the
+    last ancestor being the shallow features) -> its own upsampler and output conv
+    (``tails.<leaf>``).
+
+    Convergence network (keys ``convergence.*``): the P predictions concatenated
+    (3P channels) -> conv-ReLU-conv-ReLU-conv(-ReLU) -> softmax over P -> one weight map
+    per branch; the SR image is ``sum_i W_i * I_D^i`` (paper Eq. 8).
+
+    Leaves are numbered depth-first: with L=2, C=2 the order is 11, 12, 21, 22 (the
+    authors' release). Leaf ``k``'s ancestor on level ``l`` is node ``k // C**(L - l)``.
+
+    Args:
+        num_in_ch (int): Input channels. Default: 3.
+        num_out_ch (int): Output channels. Default: 3.
+        num_feat (int): Feature channels (F). Default: 64.
+        tree_depth (int): Tree depth L >= 1. Default: 2.
+        tree_width (int): Children per node C >= 1. Default: 2.
+        num_group (int): Residual groups per branch module (G). Default: 2.
+        num_block (int): Blocks per residual group (B). Default: 4.
+        reduction (int): Channel-attention squeeze factor of RCAB. Default: 16.
+        upscale (int): Scale factor, one of 2, 3, 4, 8. Default: 4.
+        img_range (float): Images are in [0, 1]; features see ``(x - rgb_mean) * img_range``.
+            Default: 1.
+        rgb_mean (sequence[float]): Mean subtracted from the input and added back after
+            every tail (DIV2K's mean). Default: (0.4488, 0.4371, 0.4040).
+        branch_type (str): Name in ``BRANCH_REGISTRY`` of the basic branch module.
+            Default: 'RCANBranch'.
+        branch_opt (dict | None): Extra keyword arguments for the branch module.
+        num_fusion_feat (int): Hidden channels of the convergence network. Default: 64.
+        fusion_logit_relu (bool): ReLU on the weight logits before the softmax, as in the
+            authors' release. Default: True.
+    """
+
+    def __init__(self,
+                 num_in_ch=3,
+                 num_out_ch=3,
+                 num_feat=64,
+                 tree_depth=2,
+                 tree_width=2,
+                 num_group=2,
+                 num_block=4,
+                 reduction=16,
+                 upscale=4,
+                 img_range=1.,
+                 rgb_mean=(0.4488, 0.4371, 0.4040),
+                 branch_type='RCANBranch',
+                 branch_opt=None,
+                 num_fusion_feat=64,
+                 fusion_logit_relu=True):
+        super().__init__()
+        if upscale not in SUPPORTED_SCALES:
+            raise ValueError(f'D2CNet: upscale={upscale!r} is not supported; use one of {SUPPORTED_SCALES}.')
+        for key, value in (('tree_depth', tree_depth), ('tree_width', tree_width), ('num_feat', num_feat)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f'D2CNet: {key} must be a positive integer, got {value!r}.')
+        if len(rgb_mean) != num_in_ch or num_in_ch != num_out_ch:
+            raise ValueError(f'D2CNet: rgb_mean has {len(rgb_mean)} values but num_in_ch={num_in_ch} and '
+                             f'num_out_ch={num_out_ch}; they must all be equal (the mean is added back '
+                             'to the output).')
+        if branch_type not in BRANCH_REGISTRY:
+            raise ValueError(f'D2CNet: branch_type={branch_type!r} is not registered; known branch types: '
+                             f'{sorted(BRANCH_REGISTRY.keys())}.')
+
+        self.tree_depth = tree_depth
+        self.tree_width = tree_width
+        self.num_branch = tree_width**tree_depth
+        self.upscale = upscale
+        self.img_range = img_range
+        # not persistent: a constant of the architecture, not a learned weight
+        self.register_buffer('mean', torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+        self.head = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
+        branch_cls = BRANCH_REGISTRY.get(branch_type)
+        branch_kwargs = dict(num_feat=num_feat, num_group=num_group, num_block=num_block, reduction=reduction)
+        branch_kwargs.update(branch_opt or {})
+        # tree[level - 1][node]: level l holds C**l nodes, none sharing weights
+        self.tree = nn.ModuleList([
+            nn.ModuleList([branch_cls(**branch_kwargs) for _ in range(tree_width**level)])
+            for level in range(1, tree_depth + 1)
+        ])
+        # res_convs[leaf][k]: the k-th residual conv walking up from the leaf (P * L in all)
+        self.res_convs = nn.ModuleList([
+            nn.ModuleList([nn.Conv2d(num_feat, num_feat, 3, 1, 1) for _ in range(tree_depth)])
+            for _ in range(self.num_branch)
+        ])
+        self.tails = nn.ModuleList([
+            nn.Sequential(Upsample(upscale, num_feat), nn.Conv2d(num_feat, num_out_ch, 3, 1, 1))
+            for _ in range(self.num_branch)
+        ])
+
+        fusion = [
+            nn.Conv2d(num_out_ch * self.num_branch, num_fusion_feat, 3, 1, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_fusion_feat, num_fusion_feat, 3, 1, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_fusion_feat, self.num_branch, 3, 1, 1, bias=False),
+        ]
+        if fusion_logit_relu:
+            fusion.append(nn.ReLU(inplace=True))
+        self.convergence = nn.Sequential(*fusion)
+
+    def diverge(self, x):
+        """Run the divergence network.
+
+        Args:
+            x (Tensor): LR images, (N, num_in_ch, H, W), range [0, 1].
+
+        Returns:
+            Tensor: the P predictions, (N, P, num_out_ch, sH, sW), roughly [0, 1] (not clamped).
+        """
+        mean = self.mean.to(x)
+        shallow = self.head((x - mean) * self.img_range)
+        # feats[l][k]: output of node k on level l; level 0 is the shallow features (the root)
+        feats = [[shallow]]
+        for level_nodes in self.tree:
+            parents = feats[-1]
+            feats.append([node(parents[k // self.tree_width]) for k, node in enumerate(level_nodes)])
+
+        preds = []
+        for leaf in range(self.num_branch):
+            h = feats[self.tree_depth][leaf]
+            for step, conv in enumerate(self.res_convs[leaf]):
+                level = self.tree_depth - 1 - step  # the ancestor this residual comes from
+                h = conv(h) + feats[level][leaf // self.tree_width**(self.tree_depth - level)]
+            preds.append(self.tails[leaf](h) / self.img_range + mean)
+        return torch.stack(preds, dim=1)
+
+    def converge(self, branches):
+        """Fuse the predictions with per-pixel weights (paper Eq. 8).
+
+        Args:
+            branches (Tensor): (N, P, C, sH, sW) predictions of the divergence network.
+
+        Returns:
+            tuple[Tensor, Tensor]: SR image (N, C, sH, sW) and weights (N, P, sH, sW),
+            non-negative and summing to 1 over P at every pixel.
+        """
+        n, p, c, h, w = branches.shape
+        if p != self.num_branch:
+            raise ValueError(f'D2CNet.converge: got {p} branches, the network has {self.num_branch}.')
+        weights = F.softmax(self.convergence(branches.reshape(n, p * c, h, w)), dim=1)
+        sr = (weights.unsqueeze(2) * branches).sum(dim=1)
+        return sr, weights
+
+    def forward(self, x, return_branches=False, stage='full'):
+        """Super-resolve ``x``.
+
+        Args:
+            x (Tensor): LR images (N, num_in_ch, H, W) in [0, 1]; for ``stage='convergence'``
+                the predictions (N, P, C, sH, sW) instead.
+            return_branches (bool): With ``stage='full'``, also return the predictions and
+                the weight maps.
+            stage (str): 'full' (LR -> SR), 'divergence' (LR -> predictions only) or
+                'convergence' (predictions -> (SR, weights)). The model class uses the last
+                two so that every training step still goes through ``forward`` (which
+                DistributedDataParallel needs).
+
+        Returns:
+            'full': SR (N, C, sH, sW), or ``(sr, branches, weights)`` with shapes
+            (N, C, sH, sW), (N, P, C, sH, sW), (N, P, sH, sW) if ``return_branches``.
+            'divergence': branches. 'convergence': ``(sr, weights)``.
+        """
+        if stage == 'convergence':
+            return self.converge(x)
+        if stage not in STAGES:
+            raise ValueError(f'D2CNet.forward: unknown stage {stage!r}; use one of {STAGES}.')
+        branches = self.diverge(x)
+        if stage == 'divergence':
+            return branches
+        sr, weights = self.converge(branches)
+        if return_branches:
+            return sr, branches, weights
+        return sr
+
+
+def is_convergence_key(name):
+    """True if a parameter / state-dict key of D2CNet belongs to the convergence network."""
+    if name.startswith('module.'):  # DataParallel / DistributedDataParallel prefix
+        name = name[len('module.'):]
+    return name.startswith(CONVERGENCE_PREFIX)

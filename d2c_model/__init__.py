@@ -1,0 +1,7 @@
+"""D2C-SR models; importing this package registers D2CNet, the losses and D2CModel with BasicSR."""
+import d2c_compat
+
+d2c_compat.apply()  # must run before the first ``import basicsr``
+
+import d2c_arch  # noqa: E402,F401  (registers D2CNet)
+import d2c_losses  # noqa: E402,F401  (registers DivergenceLoss, ConvergenceLoss)

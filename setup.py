@@ -1,0 +1,57 @@
+"""d2c-sr: D2C-SR (divergence to convergence real-world super-resolution) as a BasicSR plugin."""
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+AUTOLOAD_PTH = 'd2c_sr_autoload.pth'
+
+
+class BuildPyWithAutoload(build_py):
+    """Also put ``d2c_sr_autoload.pth`` at the top of site-packages (see d2c_autoload.py).
+
+    A normal build copies it into build_lib, whose content becomes site-packages. An
+    editable build (``pip install -e .``) throws build_lib away and installs only the
+    wheel that ``install_lib`` points at, so there the file goes straight into that wheel.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            target_dir = self.get_finalized_command('install').install_lib
+        else:
+            target_dir = self.build_lib
+        self.mkpath(target_dir)
+        self.copy_file(os.path.join(HERE, AUTOLOAD_PTH), os.path.join(target_dir, AUTOLOAD_PTH))
+
+
+def read(name):
+    with open(os.path.join(HERE, name), encoding='utf-8') as f:
+        return f.read()
+
+
+setup(
+    name='d2c-sr',
+    version='0.1.0',
+    description='D2C-SR real-world image super-resolution as a BasicSR plugin',
+    long_description=read('README.md'),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.8',
+    packages=['d2c_arch', 'd2c_losses', 'd2c_model'],
+    py_modules=['d2c_compat', 'd2c_autoload'],
+    cmdclass={'build_py': BuildPyWithAutoload},
+    install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python', 'pyyaml', 'lmdb'],
+    extras_require={'test': ['pytest']},
+    entry_points={
+        'console_scripts': [
+            'd2c-train=d2c_model.train:main',
+            'd2c-test=d2c_model.test:main',
+        ],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Image Processing',
+    ],
+)
