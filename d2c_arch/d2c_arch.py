@@ -168,7 +168,7 @@ class D2CNet(nn.Module):
         sr = (weights.unsqueeze(2) * branches).sum(dim=1)
         return sr, weights
 
-    def forward(self, x, return_branches=False, stage='full'):
+    def forward(self, x, return_branches=False, stage='full', fuse_detached=False):
         """Super-resolve ``x``.
 
         Args:
@@ -180,6 +180,8 @@ class D2CNet(nn.Module):
                 'convergence' (predictions -> (SR, weights)). The model class uses the last
                 two so that every training step still goes through ``forward`` (which
                 DistributedDataParallel needs).
+            fuse_detached (bool): With ``stage='full'``, fuse detached predictions, so the
+                convergence loss does not reach the divergence network (joint training).
 
         Returns:
             'full': SR (N, C, sH, sW), or ``(sr, branches, weights)`` with shapes
@@ -193,7 +195,7 @@ class D2CNet(nn.Module):
         branches = self.diverge(x)
         if stage == 'divergence':
             return branches
-        sr, weights = self.converge(branches)
+        sr, weights = self.converge(branches.detach() if fuse_detached else branches)
         if return_branches:
             return sr, branches, weights
         return sr

@@ -5,3 +5,7 @@ d2c_compat.apply()  # must run before the first ``import basicsr``
 
 import d2c_arch  # noqa: E402,F401  (registers D2CNet)
 import d2c_losses  # noqa: E402,F401  (registers DivergenceLoss, ConvergenceLoss)
+from .alpha_schedule import AlphaSchedule  # noqa: E402
+from .d2c_model import D2CModel  # noqa: E402
+
+__all__ = ['D2CModel', 'AlphaSchedule']

@@ -1,0 +1,19 @@
+"""Test a trained D2C-SR (or any BasicSR) model with BasicSR's test pipeline.
+
+    python -m d2c_model.test -opt options/test_D2C_RealSR_x4.yml
+    d2c-test -opt ...             (the same, as a console script)
+
+Results go to ``results/<name>`` under the current directory.
+"""
+import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
+from basicsr.test import test_pipeline
+from d2c_model.entry_util import normalise_argv, run_pipeline
+
+
+def main(argv=None):
+    normalise_argv(argv, 'd2c-test')
+    run_pipeline(test_pipeline, 'd2c-test')
+
+
+if __name__ == '__main__':
+    main()
