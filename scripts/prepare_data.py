@@ -150,18 +150,38 @@ class Plan:
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
+EPILOG = """\
+input layouts (--input is the root):
+  realsr     <root>/{Canon,Nikon}/{Train,Test}/<scale>/<Cam>_<NNN>_HR.png and <Cam>_<NNN>_LR<scale>.png
+  drealsr    <root>/x<scale>/Train_x<scale>/{train_HR,train_LR}, <root>/x<scale>/Test_x<scale>/{test_HR,test_LR}
+             with <name>_x1.png (HR) and <name>_x<scale>.png (LR); <root> may also be the x<scale> folder
+  d2crealsr  <root>/{train,test}/{HR,LR} with the same file names in HR and LR (x8)
+  generic    --hr-dir and --lr-dir, one --split per call
+
+name templates take {key} (alias {stem}), {scale} and {ext}; regexes need a named group (?P<key>...).
+output: <output>/<split>/{HR,LR}[, HR_sub, LR_sub (train, --crop-size)][, HR.lmdb, LR.lmdb (--lmdb)]
+exit codes: 0 ok, 1 bad data without --skip-bad (nothing written) or failure, 2 usage error,
+            130/143 interrupted (nothing written)
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the epilog's line breaks and show defaults only where there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.default not in (None, False, argparse.SUPPRESS) and '%(default)' not in text:
+            text += ' (default: %(default)s)'
+        return text
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='prepare_data.py',
         description=('Pair, check and convert real-world SR data (RealSR V3, DRealSR, D2CRealSR or any HR/LR '
                      'folders) into BasicSR folders, sub-images and LMDBs.'),
-        epilog=('Layouts: realsr = <input>/{Canon,Nikon}/{Train,Test}/<scale>/<Cam>_<NNN>_HR.png + '
-                '<Cam>_<NNN>_LR<scale>.png; drealsr = <input>/x<scale>/{Train_x<scale>/train_HR|train_LR, '
-                'Test_x<scale>/test_HR|test_LR} with <name>_x1.png (HR) / <name>_x<scale>.png (LR); d2crealsr = '
-                '<input>/{train,test}/{HR,LR} with equal names (x8); generic = --hr-dir/--lr-dir. Name templates '
-                'take {key} (alias {stem}), {scale} and {ext}. Exit codes: 0 ok, 1 bad data (without '
-                '--skip-bad) or failure, 2 usage error, 130/143 interrupted.'),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter)
     src = parser.add_argument_group('input')
     src.add_argument('--preset', choices=sorted(PRESETS), default='generic', help='input layout')
     src.add_argument('--input', help='data set root (presets realsr, drealsr, d2crealsr)')
@@ -810,10 +830,11 @@ def main(argv=None):
     except UsageError as err:
         parser.error(str(err))
 
-    stale = [p for p in _siblings(plan.output) if p.startswith(osp.basename(plan.output) + '.tmp-')]
+    prefix = osp.basename(plan.output)
+    stale = [n for n in _siblings(plan.output) if n.startswith((prefix + '.tmp-', prefix + '.old-'))]
     if stale:
-        print(f'note: {", ".join(stale)} next to {plan.output} was left by an interrupted run; '
-              'delete it when no other run is active', file=sys.stderr)
+        print(f'note: {", ".join(stale)} next to {plan.output}: left by an interrupted run (unfinished output or '
+              'a replaced old one); delete it when no other run is active', file=sys.stderr)
 
     # 1) pair by name, 2) decode and check every pair, 3) check formats across the whole set.
     problems, pairs = [], []

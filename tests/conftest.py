@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny paired data sets and option dictionaries made on the fly."""
+import os
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+import d2c_model  # noqa: F401  (registers everything, applies the compat shim)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_pairs(root, num=4, hr_size=32, scale=4, seed=0):
+    """Write ``num`` smooth random HR/LR PNG pairs under ``root/{HR,LR}``; returns (hr_dir, lr_dir)."""
+    rng = np.random.default_rng(seed)
+    hr_dir, lr_dir = os.path.join(root, 'HR'), os.path.join(root, 'LR')
+    os.makedirs(hr_dir, exist_ok=True)
+    os.makedirs(lr_dir, exist_ok=True)
+    for i in range(num):
+        hr = cv2.GaussianBlur((rng.random((hr_size, hr_size, 3)) * 255).astype(np.uint8), (5, 5), 1.5)
+        lr = cv2.resize(hr, (hr_size // scale, hr_size // scale), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(os.path.join(hr_dir, f'img{i}.png'), hr)
+        cv2.imwrite(os.path.join(lr_dir, f'img{i}.png'), lr)
+    return hr_dir, lr_dir
+
+
+def tiny_train_opt(data_root, name='tiny_d2c', phases=((('divergence', 4)), ('convergence', 2)), **overrides):
+    """A complete training option dict for a very small D2CNet on the data under ``data_root``."""
+    opt = {
+        'name': name,
+        'model_type': 'D2CModel',
+        'scale': 4,
+        'num_gpu': 0,
+        'manual_seed': 0,
+        'datasets': {
+            'train': {
+                'name': 'tiny', 'type': 'PairedImageDataset',
+                'dataroot_gt': os.path.join(data_root, 'train', 'HR'),
+                'dataroot_lq': os.path.join(data_root, 'train', 'LR'),
+                'io_backend': {'type': 'disk'}, 'gt_size': 16, 'use_hflip': True, 'use_rot': True,
+                'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1,
+            },
+            'val': {
+                'name': 'tinyval', 'type': 'PairedImageDataset',
+                'dataroot_gt': os.path.join(data_root, 'val', 'HR'),
+                'dataroot_lq': os.path.join(data_root, 'val', 'LR'),
+                'io_backend': {'type': 'disk'},
+            },
+        },
+        'network_g': {'type': 'D2CNet', 'num_feat': 8, 'num_group': 1, 'num_block': 1, 'reduction': 4, 'upscale': 4},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {
+            'ema_decay': 0,
+            'total_iter': sum(iters for _, iters in phases),
+            'warmup_iter': -1,
+            'optim_g': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.9, 0.999]},
+            'scheduler': {'type': 'MultiStepLR', 'milestones': [2], 'gamma': 0.5},
+            'phases': [{'name': n, 'iters': i} for n, i in phases],
+            'divergence_opt': {'type': 'DivergenceLoss', 'alpha': 0.1},
+            'alpha_schedule': {'start_iter': 2},
+            'pixel_opt': {'type': 'ConvergenceLoss'},
+        },
+        'val': {'val_freq': 3, 'save_img': False,
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 3, 'use_tb_logger': False},
+    }
+    for key, value in overrides.items():
+        opt[key] = value
+    return opt
+
+
+def write_yaml(path, opt):
+    with open(path, 'w') as f:
+        yaml.safe_dump(opt, f, sort_keys=False)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """``tmp_path/data/{train,val}/{HR,LR}`` with 4 pairs each (HR 32x32, x4)."""
+    root = tmp_path / 'data'
+    make_pairs(str(root / 'train'), seed=0)
+    make_pairs(str(root / 'val'), seed=1)
+    return str(root)
+
+
+@pytest.fixture
+def python():
+    return sys.executable
