@@ -232,6 +232,8 @@ class D2CModel(SRModel):
         for part, params in self._named_parts().items():
             for param in params:
                 param.requires_grad_(part in trained)
+                if part not in trained:
+                    param.grad = None  # leftovers of an earlier phase would only hold memory
         if self.opt['dist']:
             # DDP only reduces the parameters that required gradients when it was built, so a
             # frozen part costs neither a find_unused_parameters scan nor a reduction error
