@@ -42,7 +42,7 @@ setup(
     packages=['d2c_arch', 'd2c_losses', 'd2c_model'],
     py_modules=['d2c_compat', 'd2c_autoload'],
     cmdclass={'build_py': BuildPyWithAutoload},
-    install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python', 'pyyaml', 'lmdb'],
+    install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb'],
     extras_require={'test': ['pytest']},
     entry_points={
         'console_scripts': [

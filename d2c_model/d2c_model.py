@@ -16,6 +16,7 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from d2c_arch import is_convergence_key
 from .alpha_schedule import AlphaSchedule
+from .eval_util import oracle_fusion
 
 PHASE_NAMES = ('divergence', 'convergence', 'joint')
 # which parts of D2CNet a phase trains (the rest is frozen)
@@ -405,10 +406,8 @@ class D2CModel(SRModel):
                 branches = self.branches.detach().cpu()
                 for i in range(num_branch):
                     totals[f'psnr_branch{i + 1}'] += calculate_psnr(tensor2img([branches[:, i]]), gt_img, **psnr_opt)
-                # oracle fusion: every pixel from the branch with the smallest squared error (over RGB)
-                best = (branches - gt.unsqueeze(1)).pow(2).sum(dim=2).argmin(dim=1)  # (N, H, W)
-                oracle = torch.gather(branches, 1, best[:, None, None].expand(-1, 1, branches.size(2), -1, -1))
-                totals['psnr_oracle'] += calculate_psnr(tensor2img([oracle[:, 0]]), gt_img, **psnr_opt)
+                oracle = oracle_fusion(branches, gt)
+                totals['psnr_oracle'] += calculate_psnr(tensor2img([oracle]), gt_img, **psnr_opt)
                 del self.gt
                 scored += 1
             if save_img:

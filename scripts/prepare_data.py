@@ -473,8 +473,9 @@ def collect_pairs(split, dir_pairs, plan):
                                     f'no HR file {plan.hr_desc} with key {key!r}'))
         elif not VALID_KEY.fullmatch(key) or '.' in key or len(key) > 400:
             problems.append(Problem(split, hr_paths + lr_paths, 'bad key',
-                                    f'key {key!r} must be printable ASCII without spaces or dots (BasicSR LMDB keys '
-                                    'are ASCII and its meta_info reader cuts names at the first dot); rename the files'))
+                                    f'key {key!r} must be printable ASCII without spaces or dots (BasicSR LMDB '
+                                    'keys are ASCII and its meta_info reader cuts names at the first dot); rename '
+                                    'the files'))
         else:
             pairs.append(Pair(split, key, hr_paths[0], lr_paths[0]))
     return pairs, problems
@@ -499,7 +500,7 @@ def read_image(path):
     if ext == '.png':
         if not data.startswith(PNG_SIGNATURE):
             return None, ('unreadable', 'not a PNG file (bad signature) although named .png')
-        if False:
+        if not data.endswith(PNG_IEND):
             return None, ('truncated', f'PNG is truncated: it does not end with an IEND chunk ({len(data)} bytes); '
                           're-download or re-export it')
     elif ext in ('.jpg', '.jpeg'):
@@ -887,7 +888,7 @@ def main(argv=None):
                     os.makedirs(osp.join(split_dir, folder))
                 split_pairs = pairs_by_split[split]
                 sub_lists = run_parallel(
-                    lambda p: write_pair(p, split_dir, plan.scale, crop, args.compress_level),  # noqa: B023
+                    lambda p, d=split_dir, c=crop: write_pair(p, d, plan.scale, c, args.compress_level),
                     split_pairs, args.workers, f'Write {split}')
                 for pair, sub_keys in zip(split_pairs, sub_lists):
                     pair.sub_keys = sub_keys

@@ -374,7 +374,8 @@ def test_bad_data_exit_code_of_the_process(tmp_path):
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize('argv,message', [
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}'], '--scale is required for preset realsr'),
-    (['--preset', 'realsr', '--input', '{src}/missing', '--output', '{out}', '--scale', '4'], 'missing is not a folder'),
+    (['--preset', 'realsr', '--input', '{src}/missing', '--output', '{out}', '--scale', '4'],
+     'missing is not a folder'),
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '8'], '--scale 8 is not available'),
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '3'], 'scale folders there: 4'),
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '4', '--crop-size', '30'],
