@@ -48,6 +48,9 @@ setup(
         'console_scripts': [
             'd2c-train=d2c_model.train:main',
             'd2c-test=d2c_model.test:main',
+            'd2c-infer=d2c_model.infer:main',
+            'd2c-summary=d2c_model.summary:main',
+            'd2c-convert-official=d2c_model.convert_official:main',
         ],
     },
     classifiers=[
