@@ -4,6 +4,7 @@ import torch
 from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from basicsr.losses import build_loss
@@ -27,6 +28,7 @@ _TRAINED_PARTS = {
 }
 # BasicSR's option names for its schedulers -> classes in basicsr.models.lr_scheduler
 _SCHEDULER_ALIASES = {'MultiStepLR': 'MultiStepRestartLR'}
+NONFINITE_POLICIES = ('error', 'skip')
 
 
 class Phase:
@@ -108,6 +110,24 @@ def parse_phases(opt):
     return phases
 
 
+def check_options(opt):
+    """Catch option mistakes that would otherwise fail late or silently, naming key and fix."""
+    net_opt = opt.get('network_g') or {}
+    scale = opt.get('scale')
+    upscale = net_opt.get('upscale', 4)
+    if scale is not None and upscale != scale:
+        raise ValueError(f'D2CModel: network_g.upscale={upscale} but scale={scale} (the data sets use scale); '
+                         'make them equal.')
+    for name, dataset in (opt.get('datasets') or {}).items():
+        gt_size = dataset.get('gt_size')
+        if gt_size is not None and scale and gt_size % scale:
+            raise ValueError(f'D2CModel: datasets.{name}.gt_size={gt_size} is not divisible by scale={scale}; '
+                             f'use a multiple such as {gt_size - gt_size % scale or scale}.')
+    policy = (opt.get('train') or {}).get('nonfinite', 'error')
+    if opt.get('is_train') and policy not in NONFINITE_POLICIES:
+        raise ValueError(f'D2CModel: train.nonfinite={policy!r}; use one of {NONFINITE_POLICIES}.')
+
+
 def atomic_torch_save(obj, save_path):
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp_path = f'{save_path}.tmp{os.getpid()}'
@@ -145,8 +165,11 @@ class D2CModel(SRModel):
     """
 
     def __init__(self, opt):
+        check_options(opt)
         self.phases = parse_phases(opt) if opt['is_train'] else []
         self.current_phase = None
+        self.nonfinite_policy = opt['train'].get('nonfinite', 'error') if opt['is_train'] else 'error'
+        self.nonfinite_skips = 0
         super().__init__(opt)
         bare = self.get_bare_model(self.net_g)
         if not (hasattr(bare, 'diverge') and hasattr(bare, 'converge')):
@@ -154,6 +177,46 @@ class D2CModel(SRModel):
                              '(it needs diverge/converge); use type: D2CNet, or model_type: SRModel for other nets.')
 
     # ----------------------------------------------------------------------------- setup
+    def model_to_device(self, net):
+        """BasicSR's model_to_device, also on CPU: DDP gets ``device_ids`` only for CUDA."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(
+                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """BasicSR's load_network with weights_only loading and a clear error on a shape mismatch."""
+        if not osp.isfile(load_path):
+            raise FileNotFoundError(f'path.pretrain_network_g: checkpoint not found: {load_path}')
+        ckpt = torch.load(load_path, map_location='cpu', weights_only=True)
+        if param_key is not None and param_key not in ckpt and 'params' in ckpt:
+            param_key = 'params'
+        loaded = ckpt[param_key] if param_key is not None else ckpt
+        loaded = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in loaded.items())
+        current = self.get_bare_model(net).state_dict()
+        missing = sorted(set(current) - set(loaded))
+        unexpected = sorted(set(loaded) - set(current))
+        resized = sorted(f'{k}: checkpoint {tuple(loaded[k].shape)} vs network {tuple(current[k].shape)}'
+                         for k in set(current) & set(loaded) if loaded[k].shape != current[k].shape)
+        if strict and (missing or unexpected or resized):
+            def listing(title, keys):
+                return f'\n  {title} ({len(keys)}): ' + ', '.join(keys[:8]) + (' ...' if len(keys) > 8 else '')
+
+            raise ValueError(f'D2CModel: {load_path} does not fit network_g (check tree_depth, tree_width, '
+                             f'num_group, num_block, num_feat, upscale):' +
+                             (listing('missing in the checkpoint', missing) if missing else '') +
+                             (listing('not in the network', unexpected) if unexpected else '') +
+                             (listing('different shapes', resized) if resized else '') +
+                             '\n  or set path.strict_load_g: false to load what fits.')
+        if not strict:  # BasicSR's path: report differences, skip mismatching shapes
+            self._print_different_keys_loading(net, loaded, strict)
+        get_root_logger().info(f'Loading {load_path} [{param_key}] into {type(self.get_bare_model(net)).__name__}.')
+        self.get_bare_model(net).load_state_dict(loaded, strict=strict)
+
     def init_training_settings(self):
         train_opt = self.opt['train']
         bare = self.get_bare_model(self.net_g)
@@ -307,18 +370,52 @@ class D2CModel(SRModel):
         else:  # joint: one forward, the fusion sees detached predictions
             self.output, branches, _ = self.net_g(self.lq, return_branches=True, fuse_detached=True)
             l_total = self._divergence_losses(branches, loss_dict) + self._convergence_losses(loss_dict)
-        l_total.backward()
-        for optimizer in phase.optimizers:
-            optimizer.step()
+        if self._loss_is_finite(loss_dict, current_iter, phase):
+            l_total.backward()
+            for optimizer in phase.optimizers:
+                optimizer.step()
 
         self.log_dict = OrderedDict(phase=_PhaseTag(phase.index, phase.name))
         self.log_dict.update(self.reduce_loss_dict(loss_dict))
+        if self.nonfinite_skips:
+            self.log_dict['nonfinite_skips'] = self.nonfinite_skips
         if alpha is not None and phase.name != 'convergence':
             self.log_dict['alpha'] = alpha
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
+    def _loss_is_finite(self, loss_dict, current_iter, phase):
+        """False (skip the step) or FloatingPointError when a loss part is NaN or inf.
+
+        With ``train.nonfinite: skip`` the step is skipped and counted (``nonfinite_skips`` in
+        the log); in distributed runs every rank skips when any rank saw a non-finite loss, so
+        the ranks stay in step. Otherwise training stops, naming iteration, phase and part.
+        """
+        bad = [name for name, value in loss_dict.items() if not torch.isfinite(value).all()]
+        if self.opt['dist']:
+            flag = torch.tensor([float(bool(bad))], device=self.device)
+            torch.distributed.all_reduce(flag)
+            if flag.item() and not bad:
+                bad = ['(another rank)']
+        if not bad:
+            return True
+        where = f'iter {current_iter}, phase {phase.name}: non-finite {", ".join(bad)}'
+        if self.nonfinite_policy == 'skip':
+            self.nonfinite_skips += 1
+            get_root_logger().warning(f'Skipping the step at {where} ({self.nonfinite_skips} skipped so far).')
+            return False
+        raise FloatingPointError(f'Training stopped at {where}. Lower the learning rate or alpha, check the data, '
+                                 'or set train.nonfinite: skip to skip such steps.')
+
     # ---------------------------------------------------------------- checkpoints
+    def save(self, epoch, current_iter):
+        """SRModel.save, refusing to write a network with NaN or inf weights."""
+        for label, net in (('net_g', self.net_g), ('net_g_ema', getattr(self, 'net_g_ema', None))):
+            if net is not None and not all(torch.isfinite(p).all() for p in self.get_bare_model(net).parameters()):
+                raise FloatingPointError(f'{label} has non-finite weights at iter {current_iter}; not saving it. '
+                                         'The last checkpoint on disk is still valid for --auto_resume.')
+        super().save(epoch, current_iter)
+
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """BasicSR's save_network, written atomically (no half-written .pth after a crash)."""

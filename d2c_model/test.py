@@ -7,11 +7,12 @@ Results go to ``results/<name>`` under the current directory.
 """
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr.test import test_pipeline
-from d2c_model.entry_util import normalise_argv, run_pipeline
+from d2c_model.entry_util import use_plugin_dist_init, normalise_argv, run_pipeline
 
 
 def main(argv=None):
     normalise_argv(argv, 'd2c-test')
+    use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
     run_pipeline(test_pipeline, 'd2c-test')
 
 

@@ -8,11 +8,12 @@ Experiments, logs and checkpoints go to ``experiments/<name>`` under the current
 """
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr import train as basicsr_train
-from d2c_model.entry_util import load_resume_state, normalise_argv, run_pipeline
+from d2c_model.entry_util import use_plugin_dist_init, load_resume_state, normalise_argv, run_pipeline
 
 
 def main(argv=None):
     normalise_argv(argv, 'd2c-train')
+    use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
     # BasicSR's own resume needs a GPU; ours maps states onto the run's device
     basicsr_train.load_resume_state = load_resume_state
     run_pipeline(basicsr_train.train_pipeline, 'd2c-train')

@@ -1,0 +1,144 @@
+"""Forward passes of D2CNet for inference: one call, whole image or tile by tile.
+
+:func:`run_network` is the only place that calls the network, so that precision and memory
+layout options (autocast, channels_last, ...) can wrap it in one spot.
+:func:`super_resolve` keeps the whole image in host memory and sends only (padded) tiles to
+the device; the outputs are stitched into host tensors.
+
+Tiling is exact for the convolutions as long as ``tile_pad`` covers their receptive field, but
+not for RCAN's channel attention: every RCAB pools its features over the *whole input* it is
+given (a global average), so a tile sees the statistics of its padded window instead of those of
+the image. A larger ``tile_pad`` (and larger tiles) bring the window statistics closer to the
+image's; the README gives measured differences.
+"""
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+@torch.no_grad()
+def run_network(net, lq, return_branches=False, fp16=False):
+    """One forward pass of D2CNet on a batch that is already on the network's device.
+
+    Args:
+        net (nn.Module): D2CNet in eval mode.
+        lq (Tensor): LR images (N, 3, h, w), float32, range [0, 1], on the network's device.
+        return_branches (bool): Also return the P predictions and the weight maps.
+        fp16 (bool): Run under CUDA autocast (float16); ignored for a CPU tensor.
+
+    Returns:
+        Tensor | tuple[Tensor, Tensor, Tensor]: float32 tensors on ``lq``'s device, not
+        clamped: SR (N, 3, sh, sw) roughly in [0, 1]; with ``return_branches`` also branches
+        (N, P, 3, sh, sw) and weights (N, P, sh, sw) in [0, 1], summing to 1 over P.
+    """
+    use_autocast = fp16 and lq.device.type == 'cuda'
+    with torch.autocast(device_type='cuda', dtype=torch.float16, enabled=use_autocast):
+        out = net(lq, return_branches=return_branches)
+    if return_branches:
+        return tuple(t.float() for t in out)
+    return out.float()
+
+
+def split_even(length, tile):
+    """Split ``range(length)`` into ``ceil(length / tile)`` nearly equal parts.
+
+    Equal parts (rather than ``tile, tile, ..., rest``) avoid a thin last tile whose channel
+    attention would see statistics of a small window.
+
+    Returns:
+        list[tuple[int, int]]: (start, stop) pairs covering ``[0, length)`` without overlap.
+    """
+    num = max(1, math.ceil(length / tile))
+    bounds = [round(i * length / num) for i in range(num + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def tile_boxes(height, width, tile, tile_pad):
+    """Tiles of an (height, width) LR image and their padded input windows.
+
+    Args:
+        height, width (int): LR image size.
+        tile (int): Largest tile side (LR pixels); 0 or >= the image means one tile.
+        tile_pad (int): Context added on every side of a tile, clipped at the image border
+            (where the network's own zero padding applies, as in untiled inference).
+
+    Returns:
+        list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]: per tile
+        ``(y0, y1, x0, x1)`` of the tile and of its padded window, in LR pixels.
+    """
+    if tile <= 0:
+        tile = max(height, width)
+    boxes = []
+    for y0, y1 in split_even(height, tile):
+        for x0, x1 in split_even(width, tile):
+            window = (max(y0 - tile_pad, 0), min(y1 + tile_pad, height), max(x0 - tile_pad, 0),
+                      min(x1 + tile_pad, width))
+            boxes.append(((y0, y1, x0, x1), window))
+    return boxes
+
+
+def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, return_branches=False, fp16=False,
+                  forward=run_network, tile_callback=None):
+    """Super-resolve one host image, whole or tile by tile.
+
+    Args:
+        net (nn.Module): D2CNet in eval mode, on ``device``.
+        img (Tensor): LR image (1, 3, H, W), float32, range [0, 1], in host memory.
+        scale (int): The network's scale factor s.
+        tile (int): Tile side in LR pixels; 0 = the whole image in one pass.
+        tile_pad (int): LR pixels of context around each tile (see :func:`tile_boxes`).
+        pre_pad (int): Reflection padding added to the bottom and right of the whole image
+            before inference and cut off afterwards (fewer border artefacts for some models);
+            clipped to ``min(H, W) - 1``. 0 leaves the image as it is.
+        device (torch.device | None): Where tiles are computed; default ``img.device``.
+        return_branches (bool): Also return branches and weight maps (P times more host memory).
+        fp16 (bool): Passed to ``forward``.
+        forward (callable): ``forward(net, lq, return_branches, fp16)`` -> like
+            :func:`run_network`; lets callers wrap the forward pass.
+        tile_callback (callable | None): Called with ``(index, num_tiles)`` after every tile.
+
+    Returns:
+        tuple[Tensor, Tensor | None, Tensor | None]: float32 host tensors, not clamped:
+        SR (1, 3, sH, sW), branches (1, P, 3, sH, sW) and weights (1, P, sH, sW) (None unless
+        ``return_branches``).
+    """
+    if img.dim() != 4 or img.size(0) != 1:
+        raise ValueError(f'super_resolve: expected one image (1, C, H, W), got shape {tuple(img.shape)}')
+    device = img.device if device is None else torch.device(device)
+    height, width = img.shape[2:]
+    pre_pad = max(0, min(int(pre_pad), height - 1, width - 1))
+    if pre_pad:
+        img = F.pad(img, (0, pre_pad, 0, pre_pad), mode='reflect')
+    pad_h, pad_w = img.shape[2:]
+
+    sr = branches = weights = None
+    boxes = tile_boxes(pad_h, pad_w, tile, tile_pad)
+    for index, ((y0, y1, x0, x1), (wy0, wy1, wx0, wx1)) in enumerate(boxes):
+        window = img[:, :, wy0:wy1, wx0:wx1].to(device)
+        out = forward(net, window, return_branches=return_branches, fp16=fp16)
+        out = out if return_branches else (out, )
+        # where the tile sits inside the window's output
+        oy0, ox0 = (y0 - wy0) * scale, (x0 - wx0) * scale
+        oy1, ox1 = oy0 + (y1 - y0) * scale, ox0 + (x1 - x0) * scale
+        if sr is None:  # allocate the host outputs once the number of branches is known
+            sr = torch.empty(1, out[0].size(1), pad_h * scale, pad_w * scale)
+            if return_branches:
+                branches = torch.empty(1, *out[1].shape[1:3], pad_h * scale, pad_w * scale)
+                weights = torch.empty(1, out[2].size(1), pad_h * scale, pad_w * scale)
+        dst = (Ellipsis, slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale))
+        src = (Ellipsis, slice(oy0, oy1), slice(ox0, ox1))
+        sr[dst] = out[0][src].cpu()
+        if return_branches:
+            branches[dst] = out[1][src].cpu()
+            weights[dst] = out[2][src].cpu()
+        del out, window
+        if tile_callback is not None:
+            tile_callback(index + 1, len(boxes))
+
+    if pre_pad:
+        crop = (Ellipsis, slice(0, height * scale), slice(0, width * scale))
+        sr = sr[crop].contiguous()
+        if return_branches:
+            branches, weights = branches[crop].contiguous(), weights[crop].contiguous()
+    return sr, branches, weights

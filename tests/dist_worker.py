@@ -1,0 +1,30 @@
+"""torchrun worker for the distributed test: d2c-train, then each rank dumps its own weights.
+
+    torchrun --nproc_per_node=2 tests/dist_worker.py <dump dir> -opt <yml> --launcher pytorch
+"""
+import os
+import sys
+
+import torch
+
+import d2c_model  # noqa: F401
+from basicsr import train as basicsr_train
+from d2c_model import train as d2c_train
+
+built = []
+_build_model = basicsr_train.build_model
+
+
+def _keep_model(opt):
+    model = _build_model(opt)
+    built.append(model)
+    return model
+
+
+if __name__ == '__main__':
+    dump_dir = sys.argv.pop(1)
+    basicsr_train.build_model = _keep_model
+    d2c_train.main(sys.argv[1:])
+    rank = torch.distributed.get_rank()
+    net = built[0].get_bare_model(built[0].net_g)
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, os.path.join(dump_dir, f'rank{rank}.pth'))
