@@ -9,3 +9,4 @@ from .alpha_schedule import AlphaSchedule  # noqa: E402
 from .d2c_model import D2CModel  # noqa: E402
 
 __all__ = ['D2CModel', 'AlphaSchedule']
+from . import d2c_metric  # noqa: E402,F401  (registers the authors' metrics)

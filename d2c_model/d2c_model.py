@@ -18,6 +18,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from d2c_arch import is_convergence_key
 from .alpha_schedule import AlphaSchedule
 from .eval_util import oracle_fusion
+from .precision_util import autocast, resolve_precision
 
 PHASE_NAMES = ('divergence', 'convergence', 'joint')
 # which parts of D2CNet a phase trains (the rest is frozen)
@@ -170,6 +171,15 @@ class D2CModel(SRModel):
         self.current_phase = None
         self.nonfinite_policy = opt['train'].get('nonfinite', 'error') if opt['is_train'] else 'error'
         self.nonfinite_skips = 0
+        device_type = 'cuda' if opt['num_gpu'] != 0 else 'cpu'
+        train_opt = opt.get('train') or {}
+        # reduced precision and memory layout are options, not defaults: fp32 NCHW is BasicSR's behaviour
+        self.channels_last = bool(train_opt.get('channels_last', False)) if opt['is_train'] else \
+            bool((opt.get('val') or {}).get('channels_last', False))
+        self.train_amp_dtype = resolve_precision(train_opt.get('precision'), device_type) if opt['is_train'] else None
+        self.val_amp_dtype = resolve_precision((opt.get('val') or {}).get('precision'), device_type)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.grad_scaler = torch.amp.GradScaler('cuda') if self.train_amp_dtype == torch.float16 else None
         super().__init__(opt)
         bare = self.get_bare_model(self.net_g)
         if not (hasattr(bare, 'diverge') and hasattr(bare, 'converge')):
@@ -180,6 +190,8 @@ class D2CModel(SRModel):
     def model_to_device(self, net):
         """BasicSR's model_to_device, also on CPU: DDP gets ``device_ids`` only for CUDA."""
         net = net.to(self.device)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
         if self.opt['dist']:
             device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
             net = DistributedDataParallel(
@@ -328,6 +340,11 @@ class D2CModel(SRModel):
         return [group['lr'] for group in phase.optimizers[0].param_groups]
 
     # ------------------------------------------------------------------------- training
+    def feed_data(self, data):
+        super().feed_data(data)
+        if self.channels_last:
+            self.lq = self.lq.contiguous(memory_format=torch.channels_last)
+
     def _convergence_losses(self, loss_dict):
         l_total = 0
         if self.cri_pix:
@@ -359,21 +376,32 @@ class D2CModel(SRModel):
             optimizer.zero_grad(set_to_none=True)
 
         loss_dict = OrderedDict()
-        if phase.name == 'divergence':
-            branches = self.net_g(self.lq, stage='divergence')
-            l_total = self._divergence_losses(branches, loss_dict)
-        elif phase.name == 'convergence':
-            with torch.no_grad():  # frozen: no graph, no activations kept
+        with autocast(self.device.type, self.train_amp_dtype):
+            if phase.name == 'divergence':
                 branches = self.net_g(self.lq, stage='divergence')
-            self.output, _ = self.net_g(branches, stage='convergence')
-            l_total = self._convergence_losses(loss_dict)
-        else:  # joint: one forward, the fusion sees detached predictions
-            self.output, branches, _ = self.net_g(self.lq, return_branches=True, fuse_detached=True)
-            l_total = self._divergence_losses(branches, loss_dict) + self._convergence_losses(loss_dict)
+            elif phase.name == 'convergence':
+                with torch.no_grad():  # frozen: no graph, no activations kept
+                    branches = self.net_g(self.lq, stage='divergence')
+                self.output, _ = self.net_g(branches, stage='convergence')
+            else:  # joint: one forward, the fusion sees detached predictions
+                self.output, branches, _ = self.net_g(self.lq, return_branches=True, fuse_detached=True)
+        # losses in fp32: the triplet term compares small distances that bf16 would round away
+        l_total = 0
+        if phase.name in ('divergence', 'joint'):
+            l_total = l_total + self._divergence_losses(branches.float(), loss_dict)
+        if phase.name in ('convergence', 'joint'):
+            self.output = self.output.float()
+            l_total = l_total + self._convergence_losses(loss_dict)
         if self._loss_is_finite(loss_dict, current_iter, phase):
-            l_total.backward()
-            for optimizer in phase.optimizers:
-                optimizer.step()
+            if self.grad_scaler is None:
+                l_total.backward()
+                for optimizer in phase.optimizers:
+                    optimizer.step()
+            else:
+                self.grad_scaler.scale(l_total).backward()
+                for optimizer in phase.optimizers:
+                    self.grad_scaler.step(optimizer)
+                self.grad_scaler.update()
 
         self.log_dict = OrderedDict(phase=_PhaseTag(phase.index, phase.name))
         self.log_dict.update(self.reduce_loss_dict(loss_dict))
@@ -441,6 +469,7 @@ class D2CModel(SRModel):
             'optimizers': [o.state_dict() for o in self.optimizers],
             'schedulers': [s.state_dict() for s in self.schedulers],
             'd2c': {
+                'grad_scaler': self.grad_scaler.state_dict() if self.grad_scaler else None,
                 'phase_index': phase.index,
                 'phase_name': phase.name,
                 'phases': [(p.name, p.iters) for p in self.phases],
@@ -457,6 +486,8 @@ class D2CModel(SRModel):
             if [tuple(p) for p in saved['phases']] != phases:
                 raise ValueError(f'D2CModel: the training state was saved with phases {saved["phases"]} but the '
                                  f'option file now has {phases}; resume with the original train.phases.')
+            if self.grad_scaler is not None and saved.get('grad_scaler'):
+                self.grad_scaler.load_state_dict(saved['grad_scaler'])
         super().resume_training(resume_state)
 
     # ------------------------------------------------------------------------ testing
@@ -464,8 +495,10 @@ class D2CModel(SRModel):
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
         was_training = net.training
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device.type, self.val_amp_dtype):
             self.output, self.branches, self.weights = net(self.lq, return_branches=True)
+        # metrics and images are computed in fp32 whatever the forward ran in
+        self.output, self.branches, self.weights = self.output.float(), self.branches.float(), self.weights.float()
         net.train(was_training)
 
     def _psnr_opt(self):

@@ -460,7 +460,8 @@ def reference_metrics(ref_path, lq, sr, branches, scale):
     hr8 = tensor2img(hr)
     images = [('bicubic', bicubic_bgr8(lq, scale))]
     images += [(f'branch{i + 1}', tensor2img(branches[:, i])) for i in range(branches.size(1))]
-    images += [('fused', tensor2img(sr)), ('oracle', tensor2img(oracle_fusion(branches, hr)))]
+    # the oracle chooses among the branch images as written (clamped to [0, 1])
+    images += [('fused', tensor2img(sr)), ('oracle', tensor2img(oracle_fusion(branches.clamp(0, 1), hr)))]
     return {name: psnr_ssim_y(img, hr8, crop_border=scale) for name, img in images}
 
 

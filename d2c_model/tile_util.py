@@ -115,7 +115,8 @@ def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, r
     sr = branches = weights = None
     boxes = tile_boxes(pad_h, pad_w, tile, tile_pad)
     for index, ((y0, y1, x0, x1), (wy0, wy1, wx0, wx1)) in enumerate(boxes):
-        window = img[:, :, wy0:wy1, wx0:wx1].to(device)
+        # a slice of the image is a strided view; convolutions on it take a much slower path
+        window = img[:, :, wy0:wy1, wx0:wx1].contiguous().to(device)
         out = forward(net, window, return_branches=return_branches, fp16=fp16)
         out = out if return_branches else (out, )
         # where the tile sits inside the window's output

@@ -3,9 +3,13 @@ import cv2
 import numpy as np
 
 
-def weight_heatmap(weight):
-    """A weight map (H, W) in [0, 1] as a colour heatmap: uint8 BGR (H, W, 3), 0 blue .. 1 red."""
-    weight = np.clip(np.asarray(weight, dtype=np.float32), 0, 1)
+def weight_heatmap(weight, vmax=1.0):
+    """A weight map (H, W) as a colour heatmap: uint8 BGR (H, W, 3), 0 blue .. ``vmax`` red.
+
+    With P branches the weights hover around 1/P; ``vmax=2/P`` puts that in the middle of the
+    colour scale, so where a branch is preferred (red) or avoided (blue) is easy to see.
+    """
+    weight = np.clip(np.asarray(weight, dtype=np.float32) / vmax, 0, 1)
     return cv2.applyColorMap((weight * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
 
 

@@ -43,20 +43,21 @@ SCALE = 4
 def degrade(hr, rng_seed):
     """HR uint8 BGR (H, W, 3), H and W multiples of 4 -> LR uint8 BGR (H/4, W/4, 3).
 
-    Blur with a random isotropic / anisotropic / generalised Gaussian kernel, bicubic x4
-    down-sampling, Gaussian noise (sigma 1-8 of 255) and JPEG (quality 60-95).
+    Blur with a random isotropic / anisotropic / generalised Gaussian kernel (sigma 0.2-1.2),
+    bicubic x4 down-sampling, Gaussian noise (sigma 1-5 of 255) and JPEG (quality 75-95): a
+    camera-like degradation that a small network can learn to invert in a few minutes.
     """
     np.random.seed(rng_seed)
     random.seed(rng_seed)
     img = hr.astype(np.float32) / 255.
     kernel = random_mixed_kernels(['iso', 'aniso', 'generalized_iso'], [0.45, 0.45, 0.1], kernel_size=21,
-                                  sigma_x_range=(0.6, 2.4), sigma_y_range=(0.6, 2.4), betag_range=(0.5, 4))
+                                  sigma_x_range=(0.2, 1.2), sigma_y_range=(0.2, 1.2), betag_range=(0.5, 4))
     img = cv2.filter2D(img, -1, kernel)
     h, w = img.shape[:2]
     img = cv2.resize(img, (w // SCALE, h // SCALE), interpolation=cv2.INTER_CUBIC)
-    img = random_add_gaussian_noise(img, sigma_range=(1, 8), gray_prob=0.3)
+    img = random_add_gaussian_noise(img, sigma_range=(1, 5), gray_prob=0.3)
     img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-    quality = int(np.random.randint(60, 96))
+    quality = int(np.random.randint(75, 96))
     return cv2.imdecode(cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR)
 
 
@@ -114,7 +115,7 @@ def evaluate(net, lr, hr, out_dir, name):
     os.makedirs(out_dir, exist_ok=True)
     for label, img in outputs:
         cv2.imwrite(os.path.join(out_dir, f'{name}_{label}.png'), img)
-    heatmaps = [weight_heatmap(w) for w in weights[0].numpy()]
+    heatmaps = [weight_heatmap(w, vmax=2. / weights.size(1)) for w in weights[0].numpy()]
     for i, heat in enumerate(heatmaps):
         cv2.imwrite(os.path.join(out_dir, f'{name}_weight{i + 1}.png'), heat)
 

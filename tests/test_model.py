@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,3 +239,28 @@ def test_stock_srmodel_scores_a_d2c_checkpoint_like_d2cmodel(trained_run):
         psnr[model_type] = float(re.search(r'# psnr: ([\d.]+)', log).group(1))
         assert (results / 'visualization' / 'tinytest' / f'img0_{name}.png').is_file()
     assert psnr['SRModel'] == psnr['D2CModel']
+
+
+@pytest.mark.parametrize('precision,channels_last', [('bf16', True), ('bf16', False), ('fp32', True)])
+def test_reduced_precision_and_channels_last_training(tmp_path, tiny_data, precision, channels_last):
+    model = build_model(in_process_opt(tmp_path, tiny_data, (('divergence', 2), ('convergence', 2)),
+                                       precision=precision, channels_last=channels_last))
+    assert model.train_amp_dtype == (torch.bfloat16 if precision == 'bf16' else None)
+    conv_before = snapshot(model, convergence=True)
+    run_iters(model, 1, 2)
+    assert same(conv_before, snapshot(model, convergence=True))  # still frozen in the divergence phase
+    div_after = snapshot(model, convergence=False)
+    run_iters(model, 3, 4)
+    assert same(div_after, snapshot(model, convergence=False))
+    net = model.get_bare_model(model.net_g)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    assert all(isinstance(v, float) and np.isfinite(v) for k, v in model.get_current_log().items() if k != 'phase')
+    if channels_last:
+        assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_precision_option_errors(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match='fp16 needs CUDA'):
+        build_model(in_process_opt(tmp_path, tiny_data, (('divergence', 2), ), precision='fp16'))
+    with pytest.raises(ValueError, match="precision 'half' is unknown"):
+        build_model(in_process_opt(tmp_path, tiny_data, (('divergence', 2), ), precision='half'))
