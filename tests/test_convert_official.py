@@ -7,8 +7,9 @@ below, not the converter's table), checked against a functional re-implementatio
 authors' D_Net / C_Net (``reference_forward``).
 """
 import os
+import io
 import pickle
-import subprocess
+import runpy
 import sys
 
 import numpy as np
@@ -270,11 +271,13 @@ class _Branches:
     def __init__(self, sd_d, sd_c):
         self.sd_d, self.sd_c = sd_d, sd_c
         self.x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        self.net = converted_net(sd_d, sd_c, 'rgb')
 
     def run(self, sd_d=None, sd_c=None):
-        net = converted_net(sd_d or self.sd_d, sd_c or self.sd_c, 'rgb')
+        state_dict, _, _ = co.convert_state_dicts(sd_d or self.sd_d, sd_c or self.sd_c, 'rgb')
+        self.net.load_state_dict(state_dict, strict=True)
         with torch.no_grad():
-            sr, branches, _ = net(self.x, return_branches=True)
+            sr, branches, _ = self.net(self.x, return_branches=True)
         return branches[0], sr  # (4, 3, 32, 32), (1, 3, 32, 32)
 
     @staticmethod
@@ -491,20 +494,21 @@ def test_safe_unpickler_reads_numpy_written_by_numpy_1_names():
     """Files from the MegEngine era name numpy.core.multiarray; numpy 2 keeps it in numpy._core."""
     data = pickle.dumps({'a': np.arange(3, dtype=np.float32)}, protocol=2)
     data = data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
-    loaded = co.SafeUnpickler(__import__('io').BytesIO(data)).load()
+    loaded = co.SafeUnpickler(io.BytesIO(data)).load()
     np.testing.assert_array_equal(loaded['a'], np.arange(3, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. The script
 # ----------------------------------------------------------------------------------------------
-def test_script_wrapper(tmp_path, capsys):
+def test_script_wrapper(tmp_path, capsys, monkeypatch):
+    """scripts/convert_official.py runs main() and exits with its status."""
     with pytest.raises(SystemExit) as exc:
         co.main(['--help'])
     assert exc.value.code == 0 and '--opt-out' in capsys.readouterr().out
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'scripts', 'convert_official.py'),
-                             str(tmp_path / 'missing.pkl'), str(tmp_path / 'o.pth')],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith('d2c-convert-official: error: ')
-    assert 'missing.pkl: no such file' in result.stderr
+    script = os.path.join(REPO_ROOT, 'scripts', 'convert_official.py')
+    monkeypatch.setattr(sys, 'argv', [script, str(tmp_path / 'missing.pkl'), str(tmp_path / 'o.pth')])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(script, run_name='__main__')
+    assert exc.value.code == 2
+    assert_one_line_error(exc.value.code, capsys.readouterr().err, 'missing.pkl: no such file')

@@ -186,8 +186,9 @@ def test_end_to_end_training_writes_checkpoints_and_logs_validation(trained_run)
     assert not [f for f in os.listdir(exp / 'training_states') if not f.endswith('.state')]  # no temp files left
 
 
-@pytest.mark.parametrize('stop_at', [2, 4], ids=['mid-phase', 'phase-boundary'])
-def test_resume_continues_like_the_uninterrupted_run(trained_run, stop_at):
+@pytest.mark.parametrize('stop_at,how', [(2, 'auto_resume'), (4, 'auto_resume'), (3, 'resume_state')],
+                         ids=['mid-phase', 'phase-boundary', 'path.resume_state'])
+def test_resume_continues_like_the_uninterrupted_run(trained_run, stop_at, how):
     tmp_path, opt = trained_run
     full = tmp_path / 'experiments' / 'full'
     name = f'resumed_{stop_at}'
@@ -204,8 +205,11 @@ def test_resume_continues_like_the_uninterrupted_run(trained_run, stop_at):
         if f.endswith('.log'):
             os.remove(exp / f)
     resumed_opt = dict(opt, name=name)
-    yml = write_yaml(tmp_path / f'{name}.yml', resumed_opt)
-    train(tmp_path, yml, '--auto_resume')
+    if how == 'resume_state':
+        resumed_opt['path'] = dict(opt['path'], resume_state=str(exp / 'training_states' / f'{stop_at}.state'))
+        train(tmp_path, write_yaml(tmp_path / f'{name}.yml', resumed_opt))
+    else:
+        train(tmp_path, write_yaml(tmp_path / f'{name}.yml', resumed_opt), '--auto_resume')
 
     log = read_log(exp)
     assert f'Resuming training from epoch' in log and f'iter: {stop_at}.' in log
@@ -264,3 +268,22 @@ def test_precision_option_errors(tmp_path, tiny_data):
         build_model(in_process_opt(tmp_path, tiny_data, (('divergence', 2), ), precision='fp16'))
     with pytest.raises(ValueError, match="precision 'half' is unknown"):
         build_model(in_process_opt(tmp_path, tiny_data, (('divergence', 2), ), precision='half'))
+
+
+def test_ema_network_is_kept_saved_and_used_for_validation(tmp_path, tiny_data):
+    opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ('convergence', 2)), ema_decay=0.5)
+    os.makedirs(opt['path']['models'])
+    os.makedirs(opt['path']['training_states'])
+    model = build_model(opt)
+    run_iters(model, 1, 4)
+    ema = model.net_g_ema.state_dict()
+    live = model.get_bare_model(model.net_g).state_dict()
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+    model.save(epoch=0, current_iter=4)
+    ckpt = torch.load(os.path.join(opt['path']['models'], 'net_g_4.pth'), weights_only=True)
+    assert set(ckpt) == {'params', 'params_ema'}
+    model.feed_data({'lq': torch.rand(1, 3, 4, 4), 'gt': torch.rand(1, 3, 16, 16)})
+    model.test()
+    with torch.no_grad():
+        expected = model.net_g_ema(model.lq)
+    assert torch.equal(model.output, expected)
