@@ -7,6 +7,6 @@ import d2c_arch  # noqa: E402,F401  (registers D2CNet)
 import d2c_losses  # noqa: E402,F401  (registers DivergenceLoss, ConvergenceLoss)
 from .alpha_schedule import AlphaSchedule  # noqa: E402
 from .d2c_model import D2CModel  # noqa: E402
+from . import d2c_metric  # noqa: E402,F401  (registers the authors' metrics)
 
 __all__ = ['D2CModel', 'AlphaSchedule']
-from . import d2c_metric  # noqa: E402,F401  (registers the authors' metrics)

@@ -166,8 +166,9 @@ def load_official(path):
         magic = f.read(4)
         f.seek(0)
         if magic.startswith(b'PK\x03\x04'):
-            raise ConversionError(f'{path}: this is a zip archive (a torch.save checkpoint?), not the authors\' MegEngine '
-                                  'pickle; a BasicSR checkpoint needs no conversion (set path.pretrain_network_g to it)')
+            raise ConversionError(f'{path}: this is a zip archive (a torch.save checkpoint?), not the authors\' '
+                                  'MegEngine pickle; a BasicSR checkpoint needs no conversion (set '
+                                  'path.pretrain_network_g to it)')
         try:
             obj = SafeUnpickler(f).load()
         except ConversionError as err:
@@ -339,8 +340,8 @@ def infer_layout(sd_d, sd_c):
                               f'expected (F / reduction, F, 1, 1) with F={num_feat}')
     upscale = _infer_scale(sd_d, num_feat)
     fusion = _require(sd_c, 'fusion_final.0.conv.weight', 'state_dict_C')
-    return dict(num_feat=num_feat, num_group=groups[0], num_block=blocks[0], reduction=num_feat // int(squeeze.shape[0]),
-                upscale=upscale, num_fusion_feat=int(fusion.shape[0]))
+    return dict(num_feat=num_feat, num_group=groups[0], num_block=blocks[0],
+                reduction=num_feat // int(squeeze.shape[0]), upscale=upscale, num_fusion_feat=int(fusion.shape[0]))
 
 
 def _infer_scale(sd_d, num_feat):
@@ -518,6 +519,10 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
         errors.append(f'{len(mismatched)} shape mismatch(es): {_short_list(mismatched)}')
     if errors:
         raise ConversionError('; '.join(errors) + f' (layout read from the file: {_layout_text(layout)})')
+    broken = [f'{official_key(k, layout["num_block"])[1]}' for k, v in converted.items() if not np.isfinite(v).all()]
+    if broken:
+        raise ConversionError(f'{len(broken)} array(s) hold NaN or inf values: {_short_list(broken)}; the checkpoint '
+                              'is damaged (or was saved after training diverged)')
 
     if channel_order == 'rgb':
         converted = _swap_rb(converted, num_branch=4)
@@ -692,8 +697,8 @@ def convert_file(args):
         lines.append(f'ignored top-level entries (not needed for inference): {", ".join(repr(k) for k in ignored)}')
     layout = notes['layout']
     paper = (layout['num_feat'], layout['num_group'], layout['num_block'], layout['reduction']) == (64, 2, 4, 16)
-    lines.append(f'layout: {_layout_text(layout)}' + (' (the paper\'s setting)' if paper else ' (NOT the paper\'s '
-                                                                                                'setting)'))
+    setting = "the paper's setting" if paper else "not the paper's F=64, G=2, B=4, reduction 16"
+    lines.append(f'layout: {_layout_text(layout)} ({setting})')
     if notes['mean'] == 'constant':
         lines.append('mean shift: the authors\' constant DIV2K mean, rgb_range 1 (checked, not copied)')
     else:
@@ -706,8 +711,10 @@ def convert_file(args):
     snippet = _dump_yaml({'network_g': OrderedDict(net_opt)})
     opt_text = None
     if args.opt_out:
-        opt_text = (_test_options_from_template(args.template, net_opt, args.output, args.channel_order)
-                    if args.template else f'# network_g for {os.path.basename(args.output)} (made by {PROG})\n' + snippet)
+        if args.template:
+            opt_text = _test_options_from_template(args.template, net_opt, args.output, args.channel_order)
+        else:
+            opt_text = f'# network_g for {os.path.basename(args.output)} (made by {PROG})\n' + snippet
 
     checkpoint = {
         'params': state_dict,

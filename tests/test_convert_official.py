@@ -296,13 +296,15 @@ def _edit(sd, prefix, how, seed=0):
         if how == 'zero':
             out[key] = np.zeros_like(sd[key])
         else:
-            out[key] = sd[key] + (0.2 * rng.standard_normal(sd[key].shape) / np.sqrt(sd[key][0].size)).astype(np.float32)
+            noise = 0.2 * rng.standard_normal(sd[key].shape) / np.sqrt(sd[key][0].size)
+            out[key] = sd[key] + noise.astype(np.float32)
     return out
 
 
 def test_each_leaf_uses_its_residual_convs_and_parent():
     """Facts note: leaf 11 res_conv1 (+ body1) then res_conv2 (+ head); 12: 3/4 (body1); 21: 5/6, 22: 7/8 (body2)."""
-    sd_d, sd_c = random_official(4, seed=2)
+    # G=2, B=4 as in the paper; F=16 only to keep the ~40 forward passes fast (routing does not depend on F)
+    sd_d, sd_c = random_official(4, seed=2, nf=16, reduction=4)
     probe = _Branches(sd_d, sd_c)
     base, base_sr = probe.run()
 
@@ -361,6 +363,10 @@ def test_mean_shift_is_checked_and_can_be_folded(tmp_path, capsys):
         fused, branches, _ = net(x, return_branches=True)
     torch.testing.assert_close(branches, ref_branches, rtol=1e-4, atol=1e-5)  # borders included
     torch.testing.assert_close(fused, ref_fused, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # folded and turned to RGB
+        fused, branches, _ = converted_net(sd_d, sd_c, 'rgb', fold=True)(x.flip(1), return_branches=True)
+    torch.testing.assert_close(branches, ref_branches.flip(2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, ref_fused.flip(1), rtol=1e-4, atol=1e-5)
 
 
 def test_other_constant_mean_is_refused(tmp_path, capsys):
@@ -399,7 +405,9 @@ def _variant(sd_d, sd_c, change):
     (lambda d, c: d.update({'head.0.bias': np.zeros((1, 8, 1, 1), np.int64)}),
      ["state_dict_D['head.0.bias'] is an array of int64"]),
     (lambda d, c: d.pop('sub_mean.bias'), ["state_dict_D has no 'sub_mean.bias'"]),
-], ids=['leftover', 'missing', 'missing-C', 'shape', 'scale', 'dtype', 'mean-missing'])
+    (lambda d, c: d.update({'body21.1.bias': np.full((1, 8, 1, 1), np.nan, np.float32)}),
+     ['1 array(s) hold NaN or inf values: body21.1.bias']),
+], ids=['leftover', 'missing', 'missing-C', 'shape', 'scale', 'dtype', 'mean-missing', 'nan'])
 def test_bad_state_dicts(tmp_path, capsys, small_official, change, needles):
     src = write_pickle(tmp_path / 'bad.pkl', _variant(*small_official, change))
     rc, _, err = run_cli(capsys, src, tmp_path / 'bad.pth')
