@@ -224,10 +224,24 @@ class D2CModel(SRModel):
                              (listing('not in the network', unexpected) if unexpected else '') +
                              (listing('different shapes', resized) if resized else '') +
                              '\n  or set path.strict_load_g: false to load what fits.')
+        self._warn_on_constants_mismatch(ckpt.get('converted_from'), load_path)
         if not strict:  # BasicSR's path: report differences, skip mismatching shapes
             self._print_different_keys_loading(net, loaded, strict)
         get_root_logger().info(f'Loading {load_path} [{param_key}] into {type(self.get_bare_model(net)).__name__}.')
         self.get_bare_model(net).load_state_dict(loaded, strict=strict)
+
+    def _warn_on_constants_mismatch(self, source, load_path):
+        """Converted checkpoints name the network_g constants that are not weights (rgb_mean, img_range)."""
+        if not isinstance(source, dict) or not isinstance(source.get('network_g'), dict):
+            return
+        defaults = {'rgb_mean': (0.4488, 0.4371, 0.4040), 'img_range': 1.}
+        for key, default in defaults.items():
+            want = source['network_g'].get(key, default)
+            have = self.opt['network_g'].get(key, default)
+            if not torch.allclose(torch.tensor(want, dtype=torch.float64), torch.tensor(have, dtype=torch.float64)):
+                get_root_logger().warning(f'{load_path} was converted for network_g.{key}={list(want) if key == "rgb_mean" else want} '
+                                          f'but the options have {have}; outputs will be slightly off. Use the '
+                                          'network_g block printed by the converter.')
 
     def init_training_settings(self):
         train_opt = self.opt['train']

@@ -208,3 +208,19 @@ def test_local_rank_with_dash_is_accepted(monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['x'])
     normalise_argv(['-opt', __file__, '--local-rank=1', '--local-rank', '0'], 'd2c-train')
     assert sys.argv == ['d2c-train', '-opt', __file__, '--local_rank=1', '--local_rank', '0']
+
+
+def test_converted_checkpoint_with_other_constants_warns(tmp_path, tiny_data, caplog):
+    opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ))
+    net = D2CNet(num_feat=8, num_group=1, num_block=1, reduction=4)
+    ckpt = tmp_path / 'converted.pth'
+    torch.save({'params': net.state_dict(),
+                'converted_from': {'network_g': {'rgb_mean': [0.404, 0.4371, 0.4488]}}}, ckpt)
+    opt['path']['pretrain_network_g'] = str(ckpt)
+    import logging
+    logging.getLogger('basicsr').addHandler(caplog.handler)
+    try:
+        build_model(opt)
+    finally:
+        logging.getLogger('basicsr').removeHandler(caplog.handler)
+    assert 'was converted for network_g.rgb_mean=[0.404, 0.4371, 0.4488]' in caplog.text
