@@ -177,7 +177,8 @@ def infer_network_opt(state):
     if up_convs:
         ratio = state[f'tails.0.0.{up_convs[0]}.weight'].shape[0] // opt['num_feat']
         opt['upscale'] = 3 if ratio == 9 else 2**len(up_convs)
-    out_keys = [k for k in keys if k.startswith('tails.0.') and k.endswith('.weight') and not k.startswith('tails.0.0.')]
+    out_keys = [k for k in keys
+                if k.startswith('tails.0.') and k.endswith('.weight') and not k.startswith('tails.0.0.')]
     if out_keys:
         opt['num_out_ch'] = state[out_keys[-1]].shape[0]
     if 'convergence.0.weight' in state:
@@ -239,10 +240,10 @@ def build_network(net_opt, source):
         raise InferError(f'{source}: network_g is not valid: {err}') from None
 
 
-def _listed(keys):
+def _listed(keys, limit=MAX_LISTED_KEYS):
     keys = list(keys)
-    shown = ', '.join(keys[:MAX_LISTED_KEYS])
-    return shown + (f', ... and {len(keys) - MAX_LISTED_KEYS} more' if len(keys) > MAX_LISTED_KEYS else '')
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... and {len(keys) - limit} more' if len(keys) > limit else '')
 
 
 def compare_state_dicts(net, state, net_opt, opt_source, model_desc):
@@ -280,7 +281,7 @@ def compare_state_dicts(net, state, net_opt, opt_source, model_desc):
         lines.append(f'  keys only in the checkpoint ({len(unexpected)}): {_listed(unexpected)}')
     if shapes:
         shown = [f'{k} checkpoint {tuple(state[k].shape)} vs options {tuple(expected[k].shape)}' for k in shapes]
-        lines.append(f'  shape mismatches ({len(shapes)}): {_listed(shown)}')
+        lines.append(f'  shape mismatches ({len(shapes)}): {_listed(shown, MAX_LISTED_KEYS // 2)}')
     lines.append('  pass the option file this checkpoint was trained with (--opt), or fix network_g to match')
     return '\n'.join(lines)
 
@@ -550,7 +551,8 @@ def write_metrics(out_dir, rows):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group('input and output')
     io.add_argument('-i', '--input', required=True, help='an image or a folder of images')
     io.add_argument('-o', '--output', default='results/infer', help='output folder (default: %(default)s)')
@@ -611,14 +613,18 @@ def main(argv=None):
             args.fp16 = False
         inputs = list_inputs(args.input)
         net, info = load_model(args.model, args.opt, args.param_key, device)
-        os.makedirs(args.output, exist_ok=True)
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as err:
+            raise InferError(f'cannot create the output folder {args.output}: {err.strerror or err}') from None
     except InferError as err:
         print(f'{PROG}: error: {err}', file=sys.stderr)
         return 2
     tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
+    weights = args.model + (f' [{info["param_key"]}]' if info['param_key'] else '')
     print(f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width}); weights '
-          f'{args.model}' + (f' [{info["param_key"]}]' if info['param_key'] else '') + f'; options {info["opt_source"]}; '
-          f'{device.type}{", fp16" if args.fp16 else ""}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+          f'{weights}; options {info["opt_source"]}; {device.type}{", fp16" if args.fp16 else ""}; {tiling}; '
+          f'{len(inputs)} input(s) -> {args.output}')
 
     failed, rows = [], []
     for path in tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr):

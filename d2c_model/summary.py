@@ -176,7 +176,8 @@ def parse_size(text):
 
 def main(argv=None):
     """Entry point of ``d2c-summary``; returns the exit status (0, or 2 for bad input files)."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--opt', help='option file with a network_g block (D2CNet)')
     parser.add_argument('-m', '--model', help='checkpoint (.pth); alone, the tree shape is inferred from its keys')
     parser.add_argument('--param-key', default=None,
