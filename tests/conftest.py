@@ -26,7 +26,7 @@ def make_pairs(root, num=4, hr_size=32, scale=4, seed=0):
     return hr_dir, lr_dir
 
 
-def tiny_train_opt(data_root, name='tiny_d2c', phases=((('divergence', 4)), ('convergence', 2)), **overrides):
+def tiny_train_opt(data_root, name='tiny_d2c', phases=(('divergence', 4), ('convergence', 2)), **overrides):
     """A complete training option dict for a very small D2CNet on the data under ``data_root``."""
     opt = {
         'name': name,

@@ -212,7 +212,7 @@ def test_resume_continues_like_the_uninterrupted_run(trained_run, stop_at, how):
         train(tmp_path, write_yaml(tmp_path / f'{name}.yml', resumed_opt), '--auto_resume')
 
     log = read_log(exp)
-    assert f'Resuming training from epoch' in log and f'iter: {stop_at}.' in log
+    assert 'Resuming training from epoch' in log and f'iter: {stop_at}.' in log
     uninterrupted = iter_table(read_log(full))
     resumed = iter_table(log)
     assert sorted(resumed) == list(range(stop_at + 1, 8))

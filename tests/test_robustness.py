@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from basicsr.models import build_model
-from conftest import REPO_ROOT, make_pairs, tiny_train_opt, write_yaml
+from conftest import REPO_ROOT, tiny_train_opt, write_yaml
 from d2c_arch import D2CNet
 from d2c_model.d2c_model import atomic_torch_save
 from test_model import in_process_opt, iter_table, read_log, run_iters, snapshot, state_summary, train
