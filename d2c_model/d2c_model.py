@@ -19,6 +19,7 @@ from d2c_arch import is_convergence_key
 from .alpha_schedule import AlphaSchedule
 from .eval_util import oracle_fusion
 from .precision_util import autocast, resolve_precision
+from .tile_util import GuardedForward
 
 PHASE_NAMES = ('divergence', 'convergence', 'joint')
 # which parts of D2CNet a phase trains (the rest is frozen)
@@ -177,7 +178,8 @@ class D2CModel(SRModel):
         self.channels_last = bool(train_opt.get('channels_last', False)) if opt['is_train'] else \
             bool((opt.get('val') or {}).get('channels_last', False))
         self.train_amp_dtype = resolve_precision(train_opt.get('precision'), device_type) if opt['is_train'] else None
-        self.val_amp_dtype = resolve_precision((opt.get('val') or {}).get('precision'), device_type)
+        self.val_amp_dtype = resolve_precision((opt.get('val') or {}).get('precision'), device_type, purpose='infer')
+        self._val_forward = None  # a GuardedForward, made at the first validation
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
         self.grad_scaler = torch.amp.GradScaler('cuda') if self.train_amp_dtype == torch.float16 else None
         super().__init__(opt)
@@ -509,10 +511,12 @@ class D2CModel(SRModel):
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
         was_training = net.training
         net.eval()
-        with torch.no_grad(), autocast(self.device.type, self.val_amp_dtype):
-            self.output, self.branches, self.weights = net(self.lq, return_branches=True)
-        # metrics and images are computed in fp32 whatever the forward ran in
-        self.output, self.branches, self.weights = self.output.float(), self.branches.float(), self.weights.float()
+        if self._val_forward is None:
+            # a reduced val.precision that breaks an output (fp16 overflow) falls back to fp32 with a warning
+            self._val_forward = GuardedForward(self.val_amp_dtype, self.channels_last, warn=get_root_logger().warning,
+                                               hint='set val.precision: fp32 to skip the reduced-precision attempt')
+        # float32 outputs whatever the forward ran in: metrics and images are computed in fp32
+        self.output, self.branches, self.weights = self._val_forward(net, self.lq, return_branches=True)
         net.train(was_training)
 
     def _psnr_opt(self):

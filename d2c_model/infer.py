@@ -31,7 +31,8 @@ from tqdm import tqdm
 from basicsr.utils import img2tensor, tensor2img
 from d2c_arch import D2CNet
 from d2c_model.eval_util import oracle_fusion, psnr_ssim_y
-from d2c_model.tile_util import run_network, super_resolve
+from d2c_model.precision_util import cpu_has_native_bf16, precision_name, resolve_precision
+from d2c_model.tile_util import GuardedForward, prepare_network, super_resolve
 from d2c_model.visual_util import labelled_grid, weight_heatmap
 
 PROG = 'd2c-infer'
@@ -484,7 +485,7 @@ def write_grid(path, lq, branches, weights, sr, scale, max_side):
     write_image(path, labelled_grid(rows, labels))
 
 
-def process_image(path, net, args, device):
+def process_image(path, net, args, device, forward):
     """Super-resolve one file and write its outputs; returns the metrics dict or None."""
     img = read_image(path)
     kind, max_value = image_kind(img)
@@ -499,7 +500,7 @@ def process_image(path, net, args, device):
     need_branches = args.save_branches or args.save_weights or ref_path is not None
     sr, branches, weights = super_resolve(net, lq, scale, tile=args.tile, tile_pad=args.tile_pad,
                                           pre_pad=args.pre_pad, device=device, return_branches=need_branches,
-                                          fp16=args.fp16, forward=run_network)
+                                          forward=forward)
 
     height, width = lq.shape[2:]
     size = None
@@ -572,7 +573,16 @@ def parse_args(argv):
                        help='state dict in the checkpoint (default: params_ema if present, else params)')
     run = parser.add_argument_group('running')
     run.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: %(default)s')
-    run.add_argument('--fp16', action='store_true', help='float16 autocast on CUDA (ignored on the CPU)')
+    run.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
+                     help='arithmetic of the forward pass (autocast): auto = bf16 on a CPU with native bf16 '
+                     '(AVX512-BF16/AMX), fp16 on CUDA, fp32 otherwise; fp16 needs CUDA. A reduced precision '
+                     'that gives non-finite or broken output falls back to fp32 with a warning (default: '
+                     '%(default)s)')
+    run.add_argument('--no-channels-last', dest='channels_last', action='store_false',
+                     help='keep the NCHW memory layout instead of channels_last (NHWC), which is faster for '
+                     'these convolutions on CPUs and tensor-core GPUs')
+    run.add_argument('--fp16', action='store_true',
+                     help='old spelling of --precision fp16 (on a CPU: a warning, and fp32)')
     run.add_argument('-t', '--tile', type=int, default=0,
                      help='tile side in input pixels; 0 = whole image at once (default: %(default)s)')
     run.add_argument('--tile-pad', type=int, default=DEFAULT_TILE_PAD,
@@ -603,16 +613,31 @@ def parse_args(argv):
     return args
 
 
+def select_precision(args, device):
+    """The autocast dtype (None = fp32) for ``--precision`` / ``--fp16`` on ``device``."""
+    if args.fp16:
+        if device.type != 'cuda':
+            print(f'{PROG}: warning: --fp16 needs CUDA; running in float32 on the {device.type}', file=sys.stderr)
+            return None
+        args.precision = 'fp16'
+    if args.precision == 'bf16' and device.type == 'cpu' and not cpu_has_native_bf16():
+        print(f'{PROG}: warning: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and likely '
+              'slower than --precision fp32', file=sys.stderr)
+    try:
+        return resolve_precision(args.precision, device.type, purpose='infer')
+    except ValueError as err:
+        raise InferError(f'--precision {args.precision}: {err}') from None
+
+
 def main(argv=None):
     """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors)."""
     args = parse_args(argv)
     try:
         device = select_device(args.device)
-        if args.fp16 and device.type != 'cuda':
-            print(f'{PROG}: warning: --fp16 needs CUDA; running in float32 on the {device.type}', file=sys.stderr)
-            args.fp16 = False
+        dtype = select_precision(args, device)
         inputs = list_inputs(args.input)
         net, info = load_model(args.model, args.opt, args.param_key, device)
+        prepare_network(net, args.channels_last)
         try:
             os.makedirs(args.output, exist_ok=True)
         except OSError as err:
@@ -623,13 +648,15 @@ def main(argv=None):
     tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
     weights = args.model + (f' [{info["param_key"]}]' if info['param_key'] else '')
     print(f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width}); weights '
-          f'{weights}; options {info["opt_source"]}; {device.type}{", fp16" if args.fp16 else ""}; {tiling}; '
-          f'{len(inputs)} input(s) -> {args.output}')
+          f'{weights}; options {info["opt_source"]}; {device.type}, {precision_name(dtype)}, '
+          f'{"channels_last" if args.channels_last else "NCHW"}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+    forward = GuardedForward(dtype, args.channels_last,
+                             warn=lambda message: tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr))
 
     failed, rows = [], []
     for path in tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr):
         try:
-            metrics = process_image(path, net, args, device)
+            metrics = process_image(path, net, args, device, forward)
         except ImageError as err:
             failed.append(path)
             tqdm.write(f'{PROG}: skipped {path}: {err}', file=sys.stderr)

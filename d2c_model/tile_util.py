@@ -1,7 +1,8 @@
 """Forward passes of D2CNet for inference: one call, whole image or tile by tile.
 
 :func:`run_network` is the only place that calls the network, so that precision and memory
-layout options (autocast, channels_last, ...) can wrap it in one spot.
+layout (autocast, channels_last) are applied in one spot; :class:`GuardedForward` adds the
+fall-back to fp32 when a reduced precision breaks the output.
 :func:`super_resolve` keeps the whole image in host memory and sends only (padded) tiles to
 the device; the outputs are stitched into host tensors.
 
@@ -12,32 +13,126 @@ the image. A larger ``tile_pad`` (and larger tiles) bring the window statistics 
 image's; the README gives measured differences.
 """
 import math
+import warnings
 
 import torch
 from torch.nn import functional as F
 
+from .precision_util import autocast, precision_name
+
+# mean distance (range 0-1) between an SR image's block averages and its input beyond which the
+# output is treated as broken; a trained or random D2CNet stays far below it (README: precision)
+WRONG_OUTPUT_LEVEL = 0.15
+# reduced-precision and fp32 outputs that agree at least this well (PSNR, dB) are the same image
+AGREEMENT_DB = 30.
+
 
 @torch.no_grad()
-def run_network(net, lq, return_branches=False, fp16=False):
+def run_network(net, lq, return_branches=False, dtype=None, channels_last=False):
     """One forward pass of D2CNet on a batch that is already on the network's device.
 
     Args:
-        net (nn.Module): D2CNet in eval mode.
+        net (nn.Module): D2CNet in eval mode (in the channels_last layout if ``channels_last``,
+            see :func:`prepare_network`).
         lq (Tensor): LR images (N, 3, h, w), float32, range [0, 1], on the network's device.
         return_branches (bool): Also return the P predictions and the weight maps.
-        fp16 (bool): Run under CUDA autocast (float16); ignored for a CPU tensor.
+        dtype (torch.dtype | None): Autocast dtype (torch.bfloat16 / torch.float16) or None
+            for plain fp32 (see :func:`d2c_model.precision_util.resolve_precision`).
+        channels_last (bool): Feed the input in the channels_last (NHWC) memory layout.
 
     Returns:
         Tensor | tuple[Tensor, Tensor, Tensor]: float32 tensors on ``lq``'s device, not
         clamped: SR (N, 3, sh, sw) roughly in [0, 1]; with ``return_branches`` also branches
         (N, P, 3, sh, sw) and weights (N, P, sh, sw) in [0, 1], summing to 1 over P.
     """
-    use_autocast = fp16 and lq.device.type == 'cuda'
-    with torch.autocast(device_type='cuda', dtype=torch.float16, enabled=use_autocast):
+    if channels_last:
+        lq = lq.contiguous(memory_format=torch.channels_last)
+    with autocast(lq.device.type, dtype):
         out = net(lq, return_branches=return_branches)
     if return_branches:
         return tuple(t.float() for t in out)
     return out.float()
+
+
+def prepare_network(net, channels_last):
+    """Put the convolution weights of ``net`` in the layout :func:`run_network` feeds (in place)."""
+    return net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def output_problem(lq, out):
+    """Why a forward pass's output is unusable, or None if it looks sane.
+
+    Unusable: non-finite values anywhere, or an SR image whose block averages (one block per
+    input pixel) are on average more than ``WRONG_OUTPUT_LEVEL`` away from the input, which
+    a super-resolution model does not do (an all-black fp16 overflow image is about 0.4 away).
+
+    Args:
+        lq (Tensor): (N, 3, h, w) input in [0, 1].
+        out (Tensor | tuple[Tensor, ...]): what :func:`run_network` returned.
+    """
+    outs = out if isinstance(out, tuple) else (out, )
+    if not all(bool(torch.isfinite(t).all()) for t in outs):
+        return 'non-finite values (inf/NaN)'
+    sr = outs[0]
+    scale = sr.size(-1) // lq.size(-1)
+    distance = float((F.avg_pool2d(sr, scale) - lq.float()).abs().mean()) if scale >= 1 else 0.
+    if distance > WRONG_OUTPUT_LEVEL:
+        return f'output far from the input (mean |block average - input| = {distance:.3f} of the range 0-1)'
+    return None
+
+
+class GuardedForward:
+    """:func:`run_network` at a reduced precision, with a fall-back to fp32 for broken outputs.
+
+    Every output of a reduced-precision pass is checked (:func:`output_problem`). A suspicious
+    one is recomputed in fp32; if the fp32 output is sane (or the two agree to less than
+    ``AGREEMENT_DB``), the reduced precision is at fault: the fp32 output is used, ``warn``
+    is called once with the reason, and all later passes run in fp32. If fp32 gives a similar
+    output, it is the model's own behaviour and the reduced precision stays (the far-from-input
+    check is then switched off, so it is not paid for again).
+
+    Args:
+        dtype (torch.dtype | None): Autocast dtype, None for plain fp32 (no checks).
+        channels_last (bool): Passed to :func:`run_network`.
+        warn (callable): ``warn(message)``; default :func:`warnings.warn`.
+        hint (str): How to avoid the attempt, appended to the warning.
+
+    Attributes:
+        dtype: The dtype used now (None after a fall-back).
+        fallback_reason (str | None): Why it fell back, if it did.
+    """
+
+    def __init__(self, dtype=None, channels_last=False, warn=None,
+                 hint='use --precision fp32 to skip the reduced-precision attempt'):
+        self.dtype = dtype
+        self.hint = hint
+        self.channels_last = channels_last
+        self.warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+        self.fallback_reason = None
+        self._check_distance = True
+
+    def __call__(self, net, lq, return_branches=False):
+        out = run_network(net, lq, return_branches, self.dtype, self.channels_last)
+        if self.dtype is None:
+            return out
+        problem = output_problem(lq, out)
+        if problem is None or (not self._check_distance and problem.startswith('output far')):
+            return out
+        reference = run_network(net, lq, return_branches, None, self.channels_last)
+        if problem.startswith('output far') and output_problem(lq, reference) is not None:
+            first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+            if _psnr(first(out), first(reference)) >= AGREEMENT_DB:
+                self._check_distance = False  # fp32 does the same: the model's behaviour, not an overflow
+                return out
+        self.fallback_reason = f'{precision_name(self.dtype)} gave {problem}'
+        self.warn(f'{self.fallback_reason}; falling back to fp32 for this and all further passes ({self.hint})')
+        self.dtype = None
+        return reference
+
+
+def _psnr(img, ref):
+    mse = float(((img - ref)**2).mean())
+    return float('inf') if mse == 0 else 10 * math.log10(1. / mse)
 
 
 def split_even(length, tile):
@@ -78,7 +173,7 @@ def tile_boxes(height, width, tile, tile_pad):
     return boxes
 
 
-def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, return_branches=False, fp16=False,
+def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, return_branches=False,
                   forward=run_network, tile_callback=None):
     """Super-resolve one host image, whole or tile by tile.
 
@@ -93,9 +188,8 @@ def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, r
             clipped to ``min(H, W) - 1``. 0 leaves the image as it is.
         device (torch.device | None): Where tiles are computed; default ``img.device``.
         return_branches (bool): Also return branches and weight maps (P times more host memory).
-        fp16 (bool): Passed to ``forward``.
-        forward (callable): ``forward(net, lq, return_branches, fp16)`` -> like
-            :func:`run_network`; lets callers wrap the forward pass.
+        forward (callable): ``forward(net, lq, return_branches)`` -> like :func:`run_network`
+            (e.g. a :class:`GuardedForward` for reduced precision).
         tile_callback (callable | None): Called with ``(index, num_tiles)`` after every tile.
 
     Returns:
@@ -117,7 +211,7 @@ def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, r
     for index, ((y0, y1, x0, x1), (wy0, wy1, wx0, wx1)) in enumerate(boxes):
         # a slice of the image is a strided view; convolutions on it take a much slower path
         window = img[:, :, wy0:wy1, wx0:wx1].contiguous().to(device)
-        out = forward(net, window, return_branches=return_branches, fp16=fp16)
+        out = forward(net, window, return_branches=return_branches)
         out = out if return_branches else (out, )
         # where the tile sits inside the window's output
         oy0, ox0 = (y0 - wy0) * scale, (x0 - wx0) * scale

@@ -142,6 +142,11 @@ def main(argv=None):
     parser.add_argument('--out', default='results/demo', help='where to write pictures and metrics')
     parser.add_argument('--iters-scale', type=float, default=1.0,
                         help='multiply every iteration count (e.g. 0.01 for a smoke test)')
+    parser.add_argument('--precision', choices=['fp32', 'bf16', 'fp16', 'auto'], default=None,
+                        help="training precision (train.precision); default: the option file's (fp32). A run "
+                        'that is not fp32 is named <name>_<precision> so that it does not overwrite the fp32 run')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='train in the channels_last memory layout (train.channels_last)')
     args = parser.parse_args(argv)
     if not os.path.isfile(args.opt):
         parser.error(f'option file not found: {args.opt} (run from the repository root)')
@@ -154,6 +159,12 @@ def main(argv=None):
     build_data(args.data)
     with open(args.opt) as f:
         opt = scaled_options(yaml.safe_load(f), args.iters_scale)
+    if args.precision not in (None, 'fp32'):
+        opt['train']['precision'] = args.precision
+        opt['name'] += f'_{args.precision}'
+    if args.channels_last:
+        opt['train']['channels_last'] = True
+        opt['name'] += '_cl'
     for dataset in opt['datasets'].values():
         for key in ('dataroot_gt', 'dataroot_lq'):
             dataset[key] = dataset[key].replace('datasets/demo_x4', args.data)
@@ -164,8 +175,10 @@ def main(argv=None):
 
     plan = ' then '.join(f'{phase["name"]} for {phase["iters"]} iterations' for phase in opt['train']['phases'])
     print(f'[2/3] Training {opt["name"]}: {plan} (progress below) ...', flush=True)
+    train_start = time.time()
     d2c_train.main(['-opt', run_opt])
-    train_seconds = time.time() - start
+    train_seconds = time.time() - train_start
+    total_iter = opt['train']['total_iter']
 
     print(f'[3/3] Super-resolving the held-out photo "{HELD_OUT}" ...', flush=True)
     ckpt = os.path.join('experiments', opt['name'], 'models', 'net_g_latest.pth')
@@ -183,7 +196,9 @@ def main(argv=None):
     print(f'\nHeld-out photo "{HELD_OUT}" ({hr.shape[1]}x{hr.shape[0]} HR, x{SCALE}), '
           f'Y channel, {SCALE}-pixel border shaved:\n{table}')
     print(f'\nPictures in {args.out}/ ({HELD_OUT}_compare.png shows bicubic | branches | fused | HR).')
-    print(f'Model: {ckpt}. Total time: {time.time() - start:.0f} s (training {train_seconds:.0f} s).')
+    precision = opt['train'].get('precision', 'fp32') + (', channels_last' if opt['train'].get('channels_last') else '')
+    print(f'Model: {ckpt}. Total time: {time.time() - start:.0f} s; training ({precision}) {total_iter} iterations '
+          f'in {train_seconds:.0f} s = {total_iter / train_seconds:.2f} it/s (incl. validation and checkpoints).')
     return rows
 
 

@@ -89,3 +89,29 @@ def tiny_data(tmp_path):
 @pytest.fixture
 def python():
     return sys.executable
+
+
+# the demo's iterations scaled down 10 times (100 divergence + 40 convergence): a model that has
+# learned something about real photos, for the tests that need a trained model (~1 minute)
+DEMO_TEST_ITERS_SCALE = 0.1
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+    """``scripts/demo.py`` run once per test session in a temporary folder.
+
+    Returns:
+        dict: ``root`` (the folder), ``stdout``, ``stderr``, ``model`` (net_g_latest.pth),
+        ``opt`` (the demo option file), ``lr`` / ``hr`` (the held-out photo's PNG files).
+    """
+    import subprocess
+    root = tmp_path_factory.mktemp('demo')
+    opt = os.path.join(REPO_ROOT, 'options', 'demo_D2C_x4.yml')
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'scripts', 'demo.py'), '--iters-scale',
+                             str(DEMO_TEST_ITERS_SCALE), '--opt', opt], cwd=str(root), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return {'root': root, 'stdout': result.stdout, 'stderr': result.stderr, 'opt': opt,
+            'model': str(root / 'experiments' / 'demo_D2C_x4' / 'models' / 'net_g_latest.pth'),
+            'lr': str(root / 'datasets' / 'demo_x4' / 'val' / 'LR' / 'chelsea.png'),
+            'hr': str(root / 'datasets' / 'demo_x4' / 'val' / 'HR' / 'chelsea.png')}

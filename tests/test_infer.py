@@ -62,6 +62,15 @@ def to_tensor(img_bgr_float):
     return torch.from_numpy(np.ascontiguousarray(img_bgr_float[..., ::-1].transpose(2, 0, 1))).unsqueeze(0)
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32(monkeypatch):
+    """These tests compare d2c-infer's files with fp32 forwards computed here, so they pin fp32 NCHW;
+    the reduced-precision default (bf16 on CPUs that have it) is tested in test_precision.py."""
+    main = infer.main
+    monkeypatch.setattr(infer, 'main', lambda argv=None: main(list(argv) + ['--precision', 'fp32',
+                                                                            '--no-channels-last']))
+
+
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp('model')

@@ -1,4 +1,5 @@
 """D2CModel: phases, frozen parts, schedules, validation, checkpoints and resume."""
+import logging
 import os
 import re
 import shutil
@@ -287,3 +288,43 @@ def test_ema_network_is_kept_saved_and_used_for_validation(tmp_path, tiny_data):
     with torch.no_grad():
         expected = model.net_g_ema(model.lq)
     assert torch.equal(model.output, expected)
+
+
+def test_validation_precision_runs_reduced_and_falls_back_to_fp32_on_broken_output(tmp_path, tiny_data):
+    opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ))
+    opt['val'].update(precision='bf16', channels_last=True)
+    model = build_model(opt)
+    assert model.val_amp_dtype == torch.bfloat16
+    net = model.get_bare_model(model.net_g)
+    lq = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    model.feed_data({'lq': lq})
+    model.test()
+    with torch.no_grad():
+        reference = net(lq)
+    assert model.output.dtype == torch.float32 and model.output.shape == (1, 3, 24, 24)
+    mse = float(((model.output - reference)**2).mean())
+    assert 0 < mse < 1e-4  # bf16 ran (not bit-identical), and agrees with fp32 to > 40 dB
+
+    healthy_forward = net.forward
+
+    def overflowing_forward(x, **kwargs):  # what some GPUs do in fp16: inf/NaN images
+        out = healthy_forward(x, **kwargs)
+        if torch.is_autocast_enabled('cpu'):
+            return tuple(t * float('nan') for t in out) if isinstance(out, tuple) else out * float('nan')
+        return out
+
+    net.forward = overflowing_forward
+    model.feed_data({'lq': lq})
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger('basicsr')  # BasicSR's root logger does not propagate to pytest's caplog
+    logger.addHandler(handler)
+    try:
+        model.test()
+    finally:
+        logger.removeHandler(handler)
+    assert torch.isfinite(model.output).all() and torch.isfinite(model.branches).all()
+    torch.testing.assert_close(model.output, reference, rtol=1e-4, atol=1e-5)
+    logged = '\n'.join(record.getMessage() for record in records)
+    assert 'bf16 gave non-finite values' in logged and 'set val.precision: fp32' in logged
