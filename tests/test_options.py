@@ -4,12 +4,14 @@ import os
 from copy import deepcopy
 
 import pytest
+import torch
 import yaml
 
 from basicsr.models import build_model
 from basicsr.utils.options import ordered_yaml
 from conftest import REPO_ROOT
 from d2c_arch import D2CNet
+from d2c_model.precision_util import resolve_precision
 
 OPTION_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, 'options', '*.yml')))
 
@@ -60,6 +62,11 @@ def test_option_file_builds(path, tmp_path):
             assert (net.tree_depth, net.tree_width, net.num_branch) == (2, 2, 4)
             assert opt['train']['optim_g']['lr'] == 1e-4
             assert model.cri_div.alpha == 2e-5 and model.alpha_schedule(1) == 0
+            # training and its validation stay fp32 NCHW unless the user opts in
+            assert model.train_amp_dtype is None and model.val_amp_dtype is None and not model.channels_last
+    else:  # test files: the fast inference path (bf16 on CPUs that have it, fp16 on CUDA) with channels_last
+        assert model.val_amp_dtype == resolve_precision('auto', 'cpu', purpose='infer') and model.channels_last
+        assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_demo_smoke_run(demo_run):
