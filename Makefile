@@ -38,6 +38,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_infer.py
+	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_loader.py
 
 clean:

@@ -293,7 +293,7 @@ def main(argv=None):
     if not args.skip_memory:
         print('\nPeak resident memory of d2c-infer (default precision and layout) in a fresh process (VmHWM):',
               flush=True)
-        args.memory_untiled = False
+        args.memory_untiled, args.precision, args.channels_last = False, 'auto', True  # d2c-infer's defaults
         with tempfile.TemporaryDirectory(prefix='bench_infer_') as workdir:
             memory = measure_memory(args, workdir)
         peak_gib = memory[-1][1] / 1024

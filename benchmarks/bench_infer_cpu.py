@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """CPU inference speed and memory of D2C-SR, untiled and tiled (what ``d2c-infer`` runs).
 
+Tiling costs and accuracy; by default in fp32 NCHW (``--precision``, ``--channels-last`` for
+others). ``benchmarks/bench_infer.py`` compares the precisions and layouts.
+
 Speed: the paper's D2CNet (L=2, C=2, G=2, B=4, F=64, x4; random weights, which cost the same as
 trained ones) on a ``--size`` input (default 256x256 -> 1024x1024), whole and tiled
 (``--tile``/``--tile-pad``). Each configuration is warmed up once on its own tile shapes, then
@@ -46,7 +49,8 @@ import yaml  # noqa: E402
 
 from d2c_arch import D2CNet  # noqa: E402
 from d2c_model.infer import load_model  # noqa: E402
-from d2c_model.tile_util import run_network, super_resolve  # noqa: E402
+from d2c_model.precision_util import resolve_precision  # noqa: E402
+from d2c_model.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 DEFAULT_PHOTOS = '/work/shared/data/DRealSR_x4_test_crops'
 
@@ -85,7 +89,8 @@ def smooth_input(width, height, seed=0):
 
 
 def measure_speed(args):
-    net = paper_net()
+    net = prepare_network(paper_net(), args.channels_last)
+    forward = GuardedForward(resolve_precision(args.precision, 'cpu', purpose='infer'), args.channels_last)
     width, height = args.size
     x = smooth_input(width, height)
     out_mp = width * height * net.upscale**2 / 1e6
@@ -93,11 +98,11 @@ def measure_speed(args):
     rows = []
     for label, tile, pad in configs:
         # warm-up: the first call on each input shape sets up kernels; time the steady state
-        super_resolve(net, x, net.upscale, tile=tile, tile_pad=pad)
+        super_resolve(net, x, net.upscale, tile=tile, tile_pad=pad, forward=forward)
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            super_resolve(net, x, net.upscale, tile=tile, tile_pad=pad)
+            super_resolve(net, x, net.upscale, tile=tile, tile_pad=pad, forward=forward)
             times.append(time.perf_counter() - start)
         sec = statistics.median(times)
         rows.append((label, sec, 1 / sec, out_mp / sec, min(times), max(times)))
@@ -147,7 +152,9 @@ def measure_memory(args, workdir):
         src = osp.join(workdir, f'in_{w}x{h}.png')
         cv2.imwrite(src, img)
         infer_args = ['-i', src, '-o', osp.join(workdir, 'out'), '--model', pth, '--opt', yml, '--device', 'cpu',
-                      '-q', '--tile', str(tile), '--tile-pad', str(args.tile_pad)]
+                      '-q', '--tile', str(tile), '--tile-pad', str(args.tile_pad), '--precision', args.precision]
+        if not args.channels_last:
+            infer_args.append('--no-channels-last')
         rss, sec, code, output = peak_rss_of(infer_args)
         if code != 0:
             raise RuntimeError(f'd2c-infer failed ({code}):\n{output}')
@@ -218,6 +225,10 @@ def main(argv=None):
                         help='memory: input size of the tiled d2c-infer run')
     parser.add_argument('--memory-untiled', action='store_true',
                         help='memory: also run --memory-size untiled (needs several GB at 960x540)')
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'auto'],
+                        help="speed and memory: d2c-infer's --precision (benchmarks/bench_infer.py compares them)")
+    parser.add_argument('--channels-last', action='store_true', help="speed and memory: d2c-infer's default layout "
+                        '(without it: --no-channels-last, NCHW)')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     parser.add_argument('--skip-speed', action='store_true')
     parser.add_argument('--skip-memory', action='store_true')
