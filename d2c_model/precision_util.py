@@ -37,6 +37,9 @@ def resolve_precision(precision, device_type, purpose='train'):
             precision = 'bf16' if cpu_has_native_bf16() else 'fp32'
     if precision == 'fp16' and device_type != 'cuda':
         raise ValueError('precision fp16 needs CUDA; use bf16 (or auto) on CPU.')
+    if precision == 'bf16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError('precision bf16: this GPU has no bf16 support (it needs compute capability 8.0 or newer); '
+                         'use fp16 or auto.')
     return _DTYPES.get(precision)
 
 

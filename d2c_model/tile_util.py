@@ -21,8 +21,8 @@ from torch.nn import functional as F
 from .precision_util import autocast, precision_name
 
 # mean distance (range 0-1) between an SR image's block averages and its input beyond which the
-# output is treated as broken; a trained or random D2CNet stays far below it (README: precision)
-WRONG_OUTPUT_LEVEL = 0.15
+# output is treated as broken; a trained D2CNet is near 0.01, a random one near 0.13
+WRONG_OUTPUT_LEVEL = 0.2
 # reduced-precision and fp32 outputs that agree at least this well (PSNR, dB) are the same image
 AGREEMENT_DB = 30.
 
@@ -62,9 +62,11 @@ def prepare_network(net, channels_last):
 def output_problem(lq, out):
     """Why a forward pass's output is unusable, or None if it looks sane.
 
-    Unusable: non-finite values anywhere, or an SR image whose block averages (one block per
-    input pixel) are on average more than ``WRONG_OUTPUT_LEVEL`` away from the input, which
-    a super-resolution model does not do (an all-black fp16 overflow image is about 0.4 away).
+    Unusable: non-finite values anywhere; a flat SR image (standard deviation below 1 % of the
+    input's: the black or grey images of an fp16 overflow); or an SR image whose block averages
+    (one block per input pixel) are on average more than ``WRONG_OUTPUT_LEVEL`` away from the
+    input, which a super-resolution model does not do (trained models: about 0.01; random
+    weights: about 0.13).
 
     Args:
         lq (Tensor): (N, 3, h, w) input in [0, 1].
@@ -73,11 +75,13 @@ def output_problem(lq, out):
     outs = out if isinstance(out, tuple) else (out, )
     if not all(bool(torch.isfinite(t).all()) for t in outs):
         return 'non-finite values (inf/NaN)'
-    sr = outs[0]
-    scale = sr.size(-1) // lq.size(-1)
-    distance = float((F.avg_pool2d(sr, scale) - lq.float()).abs().mean()) if scale >= 1 else 0.
+    sr, lq = outs[0], lq.float()
+    if float(sr.std()) <= 0.01 * float(lq.std()):
+        return f'a flat image (standard deviation {float(sr.std()):.2g}, input {float(lq.std()):.2g})'
+    scale = max(1, sr.size(-1) // lq.size(-1))
+    distance = float((F.avg_pool2d(sr, scale) - lq).abs().mean())
     if distance > WRONG_OUTPUT_LEVEL:
-        return f'output far from the input (mean |block average - input| = {distance:.3f} of the range 0-1)'
+        return f'an image far from the input (mean |block average - input| = {distance:.3f} of the range 0-1)'
     return None
 
 
@@ -88,8 +92,9 @@ class GuardedForward:
     one is recomputed in fp32; if the fp32 output is sane (or the two agree to less than
     ``AGREEMENT_DB``), the reduced precision is at fault: the fp32 output is used, ``warn``
     is called once with the reason, and all later passes run in fp32. If fp32 gives a similar
-    output, it is the model's own behaviour and the reduced precision stays (the far-from-input
-    check is then switched off, so it is not paid for again).
+    flat or far output, it is the model's own behaviour (or the input's) and the reduced
+    precision stays; those two checks are then switched off, so they are not paid for again.
+    Non-finite values always mean a fall-back.
 
     Args:
         dtype (torch.dtype | None): Autocast dtype, None for plain fp32 (no checks).
@@ -116,13 +121,14 @@ class GuardedForward:
         if self.dtype is None:
             return out
         problem = output_problem(lq, out)
-        if problem is None or (not self._check_distance and problem.startswith('output far')):
+        finite = problem is None or not problem.startswith('non-finite')
+        if problem is None or (finite and not self._check_distance):
             return out
         reference = run_network(net, lq, return_branches, None, self.channels_last)
-        if problem.startswith('output far') and output_problem(lq, reference) is not None:
+        if finite and output_problem(lq, reference) is not None:
             first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
             if _psnr(first(out), first(reference)) >= AGREEMENT_DB:
-                self._check_distance = False  # fp32 does the same: the model's behaviour, not an overflow
+                self._check_distance = False  # fp32 does the same: the model's (or input's) doing, not an overflow
                 return out
         self.fallback_reason = f'{precision_name(self.dtype)} gave {problem}'
         self.warn(f'{self.fallback_reason}; falling back to fp32 for this and all further passes ({self.hint})')

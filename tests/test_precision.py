@@ -26,7 +26,8 @@ def photo_tensor(path):
 class FakeSR(nn.Module):
     """x2 nearest-neighbour "super-resolution" that breaks on request under autocast.
 
-    ``broken``: None, 'nan' (NaN under autocast) or 'black' (zeros under autocast);
+    ``broken``: None, 'nan' (NaN under autocast), 'black' (zeros under autocast) or 'shift'
+    (colours shifted by 0.5 under autocast);
     ``always_black``: zeros in every precision (a model that is simply bad).
     Records in ``self.autocast_calls`` whether each call ran under CPU autocast.
     """
@@ -45,6 +46,8 @@ class FakeSR(nn.Module):
             sr = torch.zeros_like(sr)
         if under_autocast and self.broken == 'nan':
             sr = sr * float('nan')
+        if under_autocast and self.broken == 'shift':
+            sr = sr + 0.5
         if return_branches:
             n, _, h, w = sr.shape
             return sr, torch.stack([sr, sr], dim=1), torch.full((n, 2, h, w), 0.5)
@@ -69,6 +72,13 @@ def test_auto_precision_per_device_and_purpose(monkeypatch):
     assert resolve_precision('fp32', 'cuda', 'infer') is None and resolve_precision(None, 'cpu') is None
     with pytest.raises(ValueError, match='fp16 needs CUDA'):
         resolve_precision('fp16', 'cpu', 'infer')
+    # training on a GPU without bf16 (before compute capability 8.0): fp16 with a gradient scaler
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
+    assert resolve_precision('auto', 'cuda', 'train') == torch.float16
+    with pytest.raises(ValueError, match='no bf16 support'):
+        resolve_precision('bf16', 'cuda', 'infer')
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert resolve_precision('auto', 'cuda', 'train') == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------- run_network
@@ -96,7 +106,8 @@ def test_run_network_returns_float32_in_every_precision_and_layout():
 # ---------------------------------------------------------------------------- GuardedForward
 
 
-@pytest.mark.parametrize('broken,reason', [('nan', 'non-finite'), ('black', 'output far from the input')])
+@pytest.mark.parametrize('broken,reason', [('nan', 'non-finite'), ('black', 'a flat image'),
+                                           ('shift', 'an image far from the input')])
 def test_broken_reduced_precision_falls_back_to_fp32_once_and_for_all(broken, reason):
     net, x, warnings = FakeSR(broken=broken), gray_input(), []
     forward = GuardedForward(torch.bfloat16, warn=warnings.append)
@@ -126,6 +137,12 @@ def test_fp32_and_healthy_outputs_are_not_recomputed():
     assert net.autocast_calls == [False, True]
     assert output_problem(x, F.interpolate(x, scale_factor=2)) is None
     assert 'non-finite' in output_problem(x, (x.repeat(1, 1, 2, 2), torch.full((1, 2), float('inf'))))
+    # a flat input may give a flat output: checked once against fp32, then accepted
+    flat, warnings = torch.full((1, 3, 6, 8), 0.5), []
+    forward = GuardedForward(torch.bfloat16, warn=warnings.append)
+    forward(net, flat)
+    forward(net, flat)
+    assert net.autocast_calls[2:] == [True, False, True] and not warnings and forward.dtype == torch.bfloat16
 
 
 def test_fallback_inside_tiled_super_resolve_covers_every_tile():
