@@ -650,6 +650,10 @@ def main(argv=None):
     print(f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width}); weights '
           f'{weights}; options {info["opt_source"]}; {device.type}, {precision_name(dtype)}, '
           f'{"channels_last" if args.channels_last else "NCHW"}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+    if args.reference and dtype is not None:
+        print(f'{PROG}: note: metrics of a {precision_name(dtype)} run can be a few hundredths of a dB below fp32\'s '
+              '(8-bit rounding of slightly different outputs); use --precision fp32 for numbers you report',
+              file=sys.stderr)
     forward = GuardedForward(dtype, args.channels_last,
                              warn=lambda message: tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr))
 

@@ -1,4 +1,6 @@
 """Reduced precision and channels_last at inference: agreement with fp32, the fp32 fall-back, options."""
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -186,6 +188,9 @@ def test_d2c_infer_precision_flags(demo_run, tmp_path, capsys):
     # ~64 dB agreement is an rms difference of ~0.16 of an 8-bit level: some values round the other way
     assert diff.max() <= 1 and (diff > 0).mean() < 0.25
 
+    hr_dir = os.path.dirname(demo_run['hr'])
+    assert infer.main(common + ['-o', str(tmp_path / 'm'), '--precision', 'bf16', '--reference', hr_dir]) == 0
+    assert 'use --precision fp32 for numbers you report' in capsys.readouterr().err
     assert infer.main(common + ['-o', str(tmp_path / 'x'), '--precision', 'fp16']) == 2
     err = capsys.readouterr().err
     assert '--precision fp16' in err and 'needs CUDA' in err
