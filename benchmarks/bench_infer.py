@@ -47,18 +47,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_infer_cpu import cpu_name, measure_memory, paper_net, parse_size, smooth_input  # noqa: E402
+from d2c_model.eval_util import tensor_psnr  # noqa: E402
 from d2c_model.infer import load_model  # noqa: E402
 from d2c_model.summary import count_macs  # noqa: E402
 from d2c_model.precision_util import autocast, cpu_has_native_bf16, precision_name, resolve_precision  # noqa: E402
 from d2c_model.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 DEMO_MODEL = 'experiments/demo_D2C_x4/models/net_g_latest.pth:options/demo_D2C_x4.yml'
-
-
-def psnr(a, b):
-    """PSNR (dB, peak 1) of two tensors of the same shape."""
-    mse = float(((a.double() - b.double())**2).mean())
-    return float('inf') if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def configurations(device_type):
@@ -112,7 +107,7 @@ def measure_speed(net, sizes, repeats, device):
         print(f'  {"path":44s} {"s/img":>8s} {"out MP/s":>9s} {"speed-up":>9s} {"agreement":>10s}')
         for index, (label, _, is_default, guard) in enumerate(runners):
             sec = statistics.median(times[index])
-            agreement = psnr(outputs[index], outputs[0]) if index else float('inf')
+            agreement = tensor_psnr(outputs[index], outputs[0]) if index else float('inf')
             note = f'  [fell back: {guard.fallback_reason}]' if guard is not None and guard.fallback_reason else ''
             agreement_text = 'reference' if index == 0 else f'{agreement:7.1f} dB'
             print(f'  {label:44s} {sec:8.3f} {out_mp / sec:9.3f} {base / sec:8.2f}x {agreement_text:>10s}{note}',
@@ -222,7 +217,7 @@ def measure_guard(spec, device):
             sr = super_resolve(net, x, net.upscale, device=device, forward=guard)[0].clamp(0, 1)
             outputs[name] = (sr, time.perf_counter() - begin, precision_name(guard.dtype))
         (ref, ref_sec, _), (fast, fast_sec, used) = outputs['fp32'], outputs['default']
-        agreement = psnr(fast, ref)
+        agreement = tensor_psnr(fast, ref)
         worst = min(worst, agreement)
         diff8 = ((fast * 255).round() - (ref * 255).round()).abs()
         h, w = lr.shape[:2]

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from d2c_arch import D2CNet  # noqa: E402
+from d2c_model.eval_util import tensor_psnr  # noqa: E402
 from d2c_model.infer import load_model  # noqa: E402
 from d2c_model.precision_util import resolve_precision  # noqa: E402
 from d2c_model.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
@@ -163,11 +164,6 @@ def measure_memory(args, workdir):
     return results
 
 
-def psnr(a, b):
-    mse = float(((a - b)**2).mean())
-    return float('inf') if mse == 0 else 10 * np.log10(1 / mse)
-
-
 def accuracy_photos(root, count):
     """[(label, LR tensor)]: ``count`` DRealSR LR crops (128x128) and their HR resized to 256x256."""
     names = sorted(glob.glob(osp.join(root, 'LR', '*.png')))[:count]
@@ -201,7 +197,7 @@ def measure_accuracy(args):
             for tile, pad in args.configs:
                 out = super_resolve(net, x, net.upscale, tile=tile, tile_pad=pad)[0].clamp(0, 1)
                 diff8 = int(((ref * 255).round() - (out * 255).round()).abs().max())
-                value = psnr(ref, out)
+                value = tensor_psnr(ref, out)
                 rows.append((label, photo, tile, pad, diff8, value))
                 print(f'  {label[:16]:16s} {photo[:30]:30s} {f"{tile}/{pad}":>9s} {diff8:19d} {value:13.2f} dB',
                       flush=True)

@@ -18,6 +18,7 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+from .eval_util import tensor_psnr
 from .precision_util import autocast, precision_name
 
 # mean distance (range 0-1) between an SR image's block averages and its input beyond which the
@@ -127,18 +128,13 @@ class GuardedForward:
         reference = run_network(net, lq, return_branches, None, self.channels_last)
         if finite and output_problem(lq, reference) is not None:
             first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
-            if _psnr(first(out), first(reference)) >= AGREEMENT_DB:
+            if tensor_psnr(first(out), first(reference)) >= AGREEMENT_DB:
                 self._check_distance = False  # fp32 does the same: the model's (or input's) doing, not an overflow
                 return out
         self.fallback_reason = f'{precision_name(self.dtype)} gave {problem}'
         self.warn(f'{self.fallback_reason}; falling back to fp32 for this and all further passes ({self.hint})')
         self.dtype = None
         return reference
-
-
-def _psnr(img, ref):
-    mse = float(((img - ref)**2).mean())
-    return float('inf') if mse == 0 else 10 * math.log10(1. / mse)
 
 
 def split_even(length, tile):

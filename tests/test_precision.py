@@ -10,13 +10,9 @@ from torch.nn import functional as F
 
 from d2c_arch import D2CNet
 from d2c_model import infer, precision_util
+from d2c_model.eval_util import tensor_psnr
 from d2c_model.precision_util import resolve_precision
 from d2c_model.tile_util import GuardedForward, output_problem, prepare_network, run_network, super_resolve
-
-
-def psnr(a, b):
-    mse = float(((a.double() - b.double())**2).mean())
-    return float('inf') if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def photo_tensor(path):
@@ -102,7 +98,7 @@ def test_run_network_returns_float32_in_every_precision_and_layout():
             # the layout only changes the order of the sums: fp32 agrees to rounding; bf16 to ~3 digits
             floor = 100 if dtype is None else 40
             for got, want in zip((sr, branches, weights), reference):
-                assert psnr(got, want) > floor
+                assert tensor_psnr(got, want) > floor
 
 
 # ---------------------------------------------------------------------------- GuardedForward
@@ -168,10 +164,10 @@ def test_bf16_channels_last_agrees_with_fp32_on_a_real_photo_with_the_demo_model
     forward = GuardedForward(torch.bfloat16, channels_last=True)
     fast = forward(net, lq, return_branches=True)
     assert forward.fallback_reason is None
-    agreement = psnr(fast[0].clamp(0, 1), reference[0].clamp(0, 1))
+    agreement = tensor_psnr(fast[0].clamp(0, 1), reference[0].clamp(0, 1))
     assert agreement >= 50, f'bf16 + channels_last agrees with fp32 at only {agreement:.1f} dB'
     for got, want in zip(fast[1:], reference[1:]):  # branches and weight maps too
-        assert psnr(got.clamp(0, 1), want.clamp(0, 1)) >= 45
+        assert tensor_psnr(got.clamp(0, 1), want.clamp(0, 1)) >= 45
 
 
 def test_d2c_infer_precision_flags(demo_run, tmp_path, capsys):
@@ -194,3 +190,9 @@ def test_d2c_infer_precision_flags(demo_run, tmp_path, capsys):
     assert infer.main(common + ['-o', str(tmp_path / 'x'), '--precision', 'fp16']) == 2
     err = capsys.readouterr().err
     assert '--precision fp16' in err and 'needs CUDA' in err
+
+
+def test_tensor_psnr_by_hand():
+    zeros = torch.zeros(1, 3, 4, 4)
+    assert tensor_psnr(zeros, torch.full_like(zeros, 0.1)) == pytest.approx(20.)  # mse 0.01 -> 20 dB
+    assert tensor_psnr(zeros, zeros) == float('inf')
