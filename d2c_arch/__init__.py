@@ -4,6 +4,7 @@ import d2c_compat
 d2c_compat.apply()  # must run before the first ``import basicsr``
 
 from .branch_util import BRANCH_REGISTRY, EDSRBranch, RCANBranch  # noqa: E402
-from .d2c_arch import D2CNet, is_convergence_key  # noqa: E402
+from .d2c_arch import D2CNet, bare_key, default_options, is_convergence_key, state_dict_differences  # noqa: E402
 
-__all__ = ['D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'is_convergence_key']
+__all__ = ['D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'bare_key', 'default_options', 'is_convergence_key',
+           'state_dict_differences']

@@ -3,6 +3,8 @@
 Paper: Li et al., "D2C-SR: A Divergence to Convergence Approach for Real-World Image
 Super-Resolution", ECCV 2022, Sec. 3.2-3.3.
 """
+import inspect
+
 import torch
 from torch import nn as nn
 from torch.nn import functional as F
@@ -13,6 +15,7 @@ from .branch_util import BRANCH_REGISTRY
 
 SUPPORTED_SCALES = (2, 3, 4, 8)
 CONVERGENCE_PREFIX = 'convergence.'
+WRAPPER_PREFIX = 'module.'  # what DataParallel / DistributedDataParallel put before every key
 STAGES = ('full', 'divergence', 'convergence')
 
 
@@ -201,8 +204,34 @@ class D2CNet(nn.Module):
         return sr
 
 
+def bare_key(name):
+    """A parameter / state-dict key without the ``module.`` prefix of (Distributed)DataParallel."""
+    return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
+
+
 def is_convergence_key(name):
     """True if a parameter / state-dict key of D2CNet belongs to the convergence network."""
-    if name.startswith('module.'):  # DataParallel / DistributedDataParallel prefix
-        name = name[len('module.'):]
-    return name.startswith(CONVERGENCE_PREFIX)
+    return bare_key(name).startswith(CONVERGENCE_PREFIX)
+
+
+def default_options():
+    """D2CNet's constructor defaults (the paper's setting), e.g. ``{'num_feat': 64, ...}``."""
+    params = inspect.signature(D2CNet.__init__).parameters
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def state_dict_differences(expected, loaded):
+    """How a state dict to load differs from a network's own.
+
+    Args:
+        expected (dict): The network's ``state_dict()``.
+        loaded (dict): The state dict to load (keys already stripped with :func:`bare_key`).
+
+    Returns:
+        tuple[list, list, list]: keys missing from ``loaded``, keys only in ``loaded`` and keys
+        whose shapes differ, each in its dict's order; all empty when ``loaded`` fits.
+    """
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    resized = [k for k in expected if k in loaded and tuple(loaded[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, resized

@@ -42,7 +42,6 @@ import argparse
 import collections
 import hashlib
 import importlib
-import inspect
 import os
 import pickle
 import re
@@ -304,8 +303,8 @@ def _swap_rb(state_dict, num_branch):
 
 
 def _d2c_default_rgb_mean():
-    from d2c_arch import D2CNet
-    return tuple(float(v) for v in inspect.signature(D2CNet.__init__).parameters['rgb_mean'].default)
+    from d2c_arch import default_options
+    return tuple(float(v) for v in default_options()['rgb_mean'])
 
 
 # ----------------------------------------------------------------------------------------------

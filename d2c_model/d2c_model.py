@@ -15,7 +15,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
-from d2c_arch import is_convergence_key
+from d2c_arch import bare_key, default_options, is_convergence_key, state_dict_differences
 from .alpha_schedule import AlphaSchedule
 from .eval_util import oracle_fusion
 from .precision_util import autocast, resolve_precision
@@ -210,12 +210,10 @@ class D2CModel(SRModel):
         if param_key is not None and param_key not in ckpt and 'params' in ckpt:
             param_key = 'params'
         loaded = ckpt[param_key] if param_key is not None else ckpt
-        loaded = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in loaded.items())
+        loaded = OrderedDict((bare_key(k), v) for k, v in loaded.items())
         current = self.get_bare_model(net).state_dict()
-        missing = sorted(set(current) - set(loaded))
-        unexpected = sorted(set(loaded) - set(current))
-        resized = sorted(f'{k}: checkpoint {tuple(loaded[k].shape)} vs network {tuple(current[k].shape)}'
-                         for k in set(current) & set(loaded) if loaded[k].shape != current[k].shape)
+        missing, unexpected, resized = (sorted(keys) for keys in state_dict_differences(current, loaded))
+        resized = [f'{k}: checkpoint {tuple(loaded[k].shape)} vs network {tuple(current[k].shape)}' for k in resized]
         if strict and (missing or unexpected or resized):
             def listing(title, keys):
                 return f'\n  {title} ({len(keys)}): ' + ', '.join(keys[:8]) + (' ...' if len(keys) > 8 else '')
@@ -236,10 +234,10 @@ class D2CModel(SRModel):
         """Converted checkpoints name the network_g constants that are not weights (rgb_mean, img_range)."""
         if not isinstance(source, dict) or not isinstance(source.get('network_g'), dict):
             return
-        defaults = {'rgb_mean': (0.4488, 0.4371, 0.4040), 'img_range': 1.}
-        for key, default in defaults.items():
-            want = source['network_g'].get(key, default)
-            have = self.opt['network_g'].get(key, default)
+        defaults = default_options()
+        for key in ('rgb_mean', 'img_range'):
+            want = source['network_g'].get(key, defaults[key])
+            have = self.opt['network_g'].get(key, defaults[key])
             if not torch.allclose(torch.tensor(want, dtype=torch.float64), torch.tensor(have, dtype=torch.float64)):
                 get_root_logger().warning(f'{load_path} was converted for network_g.{key}={list(want) if key == "rgb_mean" else want} '
                                           f'but the options have {have}; outputs will be slightly off. Use the '
@@ -468,8 +466,7 @@ class D2CModel(SRModel):
         save_dict = {}
         for net_, key in zip(nets, param_keys):
             state_dict = self.get_bare_model(net_).state_dict()
-            save_dict[key] = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu())
-                                         for k, v in state_dict.items())
+            save_dict[key] = OrderedDict((bare_key(k), v.cpu()) for k, v in state_dict.items())
         label = 'latest' if current_iter == -1 else current_iter
         atomic_torch_save(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
 

@@ -14,7 +14,6 @@ model or option errors (one line naming the file and what to do).
 """
 import argparse
 import csv
-import inspect
 import os
 import pickle
 import re
@@ -29,7 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from basicsr.utils import img2tensor, tensor2img
-from d2c_arch import D2CNet
+from d2c_arch import D2CNet, bare_key, default_options, state_dict_differences
 from d2c_model.eval_util import oracle_fusion, psnr_ssim_y
 from d2c_model.precision_util import cpu_has_native_bf16, precision_name, resolve_precision
 from d2c_model.tile_util import GuardedForward, prepare_network, super_resolve
@@ -124,7 +123,7 @@ def select_state_dict(ckpt, path, param_key=None):
     if not _is_state_dict(state):
         raise InferError(f'{path}: "{key}" is not a state dict of tensors; pick another --param-key '
                          f'(keys: {sorted(map(str, ckpt))})')
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}, key
+    return {bare_key(k): v for k, v in state.items()}, key
 
 
 def _index_set(keys, prefix):
@@ -187,11 +186,6 @@ def infer_network_opt(state):
     return opt
 
 
-def _arch_defaults():
-    params = inspect.signature(D2CNet.__init__).parameters
-    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
-
-
 def network_options(ckpt, opt_path, model_path):
     """``network_g`` for the checkpoint: from ``--opt`` if given, else carried by the checkpoint.
 
@@ -232,7 +226,7 @@ def network_options(ckpt, opt_path, model_path):
 def build_network(net_opt, source):
     """D2CNet from network_g options; bad options name the source."""
     kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
-    unknown = sorted(set(kwargs) - set(_arch_defaults()))
+    unknown = sorted(set(kwargs) - set(default_options()))
     if unknown:
         raise InferError(f'{source}: network_g has options D2CNet does not know: {unknown}')
     try:
@@ -255,9 +249,7 @@ def compare_state_dicts(net, state, net_opt, opt_source, model_desc):
         that differ (inferred from the weights) and the differing keys.
     """
     expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected, shapes = state_dict_differences(expected, state)
     if not (missing or unexpected or shapes):
         return None
     lines = [f'{model_desc} does not match network_g of {opt_source}:']
@@ -265,7 +257,7 @@ def compare_state_dicts(net, state, net_opt, opt_source, model_desc):
         inferred = infer_network_opt(state)
     except InferError:
         inferred = {}
-    defaults = _arch_defaults()
+    defaults = default_options()
     differ = []
     for key, value in inferred.items():
         if key == 'num_branch':

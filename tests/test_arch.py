@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from basicsr.archs import build_network
-from d2c_arch import BRANCH_REGISTRY, D2CNet, is_convergence_key
+from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, is_convergence_key, state_dict_differences
 
 SMALL = dict(num_feat=8, num_group=1, num_block=1, reduction=4)
 
@@ -162,3 +162,15 @@ def test_wrong_branch_count_for_convergence():
     net = D2CNet(**SMALL)
     with pytest.raises(ValueError, match='got 3 branches'):
         net(torch.rand(1, 3, 3, 8, 8), stage='convergence')
+
+
+def test_state_dict_key_helpers():
+    assert bare_key('module.head.weight') == 'head.weight' and bare_key('head.weight') == 'head.weight'
+    assert is_convergence_key('module.convergence.0.weight') and not is_convergence_key('tails.0.1.weight')
+    expected = {'a': torch.zeros(2), 'b': torch.zeros(3), 'c': torch.zeros(1)}
+    loaded = {'b': torch.zeros(4), 'c': torch.zeros(1), 'd': torch.zeros(1)}
+    assert state_dict_differences(expected, loaded) == (['a'], ['d'], ['b'])
+    assert state_dict_differences(expected, dict(expected)) == ([], [], [])
+    defaults = default_options()  # the paper's setting
+    assert (defaults['num_feat'], defaults['tree_depth'], defaults['tree_width'], defaults['num_group'],
+            defaults['num_block'], defaults['upscale']) == (64, 2, 2, 2, 4, 4)
