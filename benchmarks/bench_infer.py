@@ -22,7 +22,7 @@ memory is the process's ``VmHWM``; the run fails (exit 1) above ``--memory-limit
 The last line is ``speedup_vs_naive_fp32=<x> agreement_db=<y>`` for the default path on the
 largest ``--sizes`` input.
 
-    python benchmarks/bench_infer.py                 # about 4 minutes on 2 cores
+    python benchmarks/bench_infer.py                 # 2.5 to 3 minutes on 2 cores
     python benchmarks/bench_infer.py --sizes 64x64 --repeats 1 --skip-memory --skip-guard   # quick
 """
 import argparse
