@@ -1,8 +1,10 @@
 # d2c-sr developer entry points. Every target sets itself up: it creates .venv at the
 # repository root if missing and installs torch/torchvision, basicsr and this package.
 #   make demo   - the main job: train a small D2C-SR on real photos on CPU, report PSNR/SSIM
-#   make test   - the test suite
-#   make bench  - benchmarks (print numbers; not part of the tests)
+#   make test   - lint (ruff, yapf) and the whole test suite
+#   make test-fast - the tests without those marked slow (demo training, several processes)
+#   make lint   - lint only; `make format` rewrites the code to the project's style
+#   make bench  - benchmarks (print numbers; not part of the tests); real photos from D2C_SR_DATA
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +20,7 @@ else
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install test demo bench clean
+.PHONY: install lint format test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -31,8 +33,23 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/python -m pip install --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# the code the style covers (settings in pyproject.toml)
+CODE := d2c_arch d2c_losses d2c_metrics d2c_model d2c_tools d2c_utils scripts benchmarks tests setup.py d2c_compat.py d2c_autoload.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/yapf --diff --recursive $(CODE) > /dev/null || { $(BIN)/yapf --diff --recursive $(CODE) | head -40; \
+		echo 'yapf: the code above is not in the project style; run `make format`'; exit 1; }
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix --select I $(CODE)
+	$(BIN)/yapf --in-place --recursive $(CODE)
+
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

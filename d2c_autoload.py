@@ -9,8 +9,9 @@ at start-up, which calls :func:`install`: it adds a finder to ``sys.meta_path`` 
 nothing until something imports ``basicsr``. Then it
 
 1. applies :mod:`d2c_compat` (so ``import basicsr`` works on torchvision >= 0.17), and
-2. once ``basicsr`` has finished importing, imports ``d2c_arch``, ``d2c_losses`` and
-   ``d2c_model``, whose decorators register D2CNet, the losses and D2CModel.
+2. once ``basicsr`` has finished importing, imports ``d2c_arch``, ``d2c_losses``,
+   ``d2c_metrics`` and ``d2c_model``, whose decorators register D2CNet, the losses, the
+   authors' metrics and D2CModel.
 
 Guarantees:
 
@@ -26,7 +27,7 @@ import sys
 import warnings
 
 OPT_OUT_ENV = 'D2C_SR_NO_AUTOLOAD'
-PLUGIN_PACKAGES = ('d2c_arch', 'd2c_losses', 'd2c_model')
+PLUGIN_PACKAGES = ('d2c_arch', 'd2c_losses', 'd2c_metrics', 'd2c_model')
 
 
 def _load_plugin():

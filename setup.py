@@ -39,18 +39,19 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.8',
-    packages=['d2c_arch', 'd2c_losses', 'd2c_model'],
+    packages=['d2c_arch', 'd2c_losses', 'd2c_metrics', 'd2c_model', 'd2c_tools', 'd2c_utils'],
     py_modules=['d2c_compat', 'd2c_autoload'],
     cmdclass={'build_py': BuildPyWithAutoload},
     install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb'],
-    extras_require={'test': ['pytest']},
+    # the lint tools are pinned so that `make lint` gives the same verdict everywhere; yapf comes with basicsr
+    extras_require={'test': ['pytest', 'ruff==0.17.6', 'yapf==0.43.0']},
     entry_points={
         'console_scripts': [
-            'd2c-train=d2c_model.train:main',
-            'd2c-test=d2c_model.test:main',
-            'd2c-infer=d2c_model.infer:main',
-            'd2c-summary=d2c_model.summary:main',
-            'd2c-convert-official=d2c_model.convert_official:main',
+            'd2c-train=d2c_tools.train:main',
+            'd2c-test=d2c_tools.test:main',
+            'd2c-infer=d2c_tools.infer:main',
+            'd2c-summary=d2c_tools.summary:main',
+            'd2c-convert-official=d2c_tools.convert_official:main',
         ],
     },
     classifiers=[

@@ -36,22 +36,18 @@ import tempfile
 import time
 
 os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop chatter off the table
-BENCH_DIR = osp.dirname(osp.abspath(__file__))
-REPO_ROOT = osp.dirname(BENCH_DIR)
-for folder in (REPO_ROOT, BENCH_DIR):
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+import bench_util  # noqa: E402,I001  (puts the repository on sys.path)
 import d2c_model  # noqa: E402,F401  (registers D2CNet; applies the compat shim before basicsr)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_infer_cpu import cpu_name, measure_memory, paper_net, parse_size, smooth_input  # noqa: E402
-from d2c_model.eval_util import tensor_psnr  # noqa: E402
-from d2c_model.infer import load_model  # noqa: E402
-from d2c_model.summary import count_macs  # noqa: E402
-from d2c_model.precision_util import autocast, cpu_has_native_bf16, precision_name, resolve_precision  # noqa: E402
-from d2c_model.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
+from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_utils.eval_util import tensor_psnr  # noqa: E402
+from d2c_utils.precision_util import autocast, cpu_has_native_bf16, precision_name, resolve_precision  # noqa: E402
+from d2c_utils.summary_util import count_macs  # noqa: E402
+from d2c_utils.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 DEMO_MODEL = 'experiments/demo_D2C_x4/models/net_g_latest.pth:options/demo_D2C_x4.yml'
 
@@ -198,6 +194,7 @@ def measure_guard(spec, device):
               'ckpt.pth:options.yml)')
         return None
     from skimage import data
+
     from basicsr.metrics import calculate_psnr
     from basicsr.utils import tensor2img
     rgb = data.chelsea()
@@ -262,7 +259,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         os.environ['OMP_NUM_THREADS'] = str(args.threads)  # for the d2c-infer subprocess
     device = torch.device(args.device)
-    os.chdir(REPO_ROOT)  # the default model paths are relative to the repository
+    os.chdir(bench_util.REPO_ROOT)  # the default model paths are relative to the repository
 
     print(f'Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, native bf16: {cpu_has_native_bf16()}, '
           f'torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}')

@@ -38,22 +38,18 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-import d2c_model  # noqa: E402,F401  (registers D2CNet; applies the compat shim before basicsr)
+import bench_util  # noqa: E402,I001  (puts the repository on sys.path)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+import d2c_model  # noqa: E402,F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_arch import D2CNet  # noqa: E402
-from d2c_model.eval_util import tensor_psnr  # noqa: E402
-from d2c_model.infer import load_model  # noqa: E402
-from d2c_model.precision_util import resolve_precision  # noqa: E402
-from d2c_model.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
-
-DEFAULT_PHOTOS = '/work/shared/data/DRealSR_x4_test_crops'
+from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_utils.eval_util import tensor_psnr  # noqa: E402
+from d2c_utils.precision_util import resolve_precision  # noqa: E402
+from d2c_utils.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 
 def parse_size(text):
@@ -116,7 +112,7 @@ def measure_speed(args):
 # per address space and starts afresh at exec, unlike ru_maxrss, which Linux carries over from
 # the (large) parent that forked the child.
 CHILD_CODE = """import sys
-from d2c_model import infer
+from d2c_tools import infer
 code = infer.main(sys.argv[1:])
 with open('/proc/self/status') as f:
     hwm = [line.split()[1] for line in f if line.startswith('VmHWM:')][0]
@@ -182,7 +178,7 @@ def accuracy_photos(root, count):
 
 
 def measure_accuracy(args):
-    photos = accuracy_photos(args.photos, args.num_photos)
+    photos = accuracy_photos(bench_util.photo_pairs_dir(args.photos, '--photos'), args.num_photos)
     print(f'  {"model":16s} {"photo":30s} {"tile/pad":>9s} {"max |diff| (8-bit)":>19s} {"PSNR vs untiled":>16s}')
     rows = []
     for spec in args.models:
@@ -231,7 +227,8 @@ def main(argv=None):
     parser.add_argument('--accuracy', action='store_true', help='also measure tiled against untiled outputs')
     parser.add_argument('--models', nargs='+', default=['random'],
                         help='accuracy: "random" and/or ckpt.pth:options.yml')
-    parser.add_argument('--photos', default=DEFAULT_PHOTOS, help='accuracy: folder with HR/ and LR/ PNG pairs')
+    parser.add_argument(
+        '--photos', default=None, help=f'accuracy: folder with HR/ and LR/ PNG pairs (default: ${bench_util.DATA_ENV})')
     parser.add_argument('--num-photos', type=int, default=2, help='accuracy: photos taken from --photos')
     parser.add_argument('--configs', type=parse_configs, default=parse_configs('64/16,64/32,128/16,128/32,128/64'),
                         help='accuracy: tile/pad pairs, comma-separated')

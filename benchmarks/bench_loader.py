@@ -31,27 +31,25 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import bench_util  # noqa: E402,I001  (puts the repository on sys.path)
+
 import d2c_compat  # noqa: E402  (must run before basicsr is imported)
 
 d2c_compat.apply()
-sys.path.insert(0, osp.join(REPO_ROOT, 'scripts'))
-
-import torch  # noqa: E402
-from basicsr.data.paired_image_dataset import PairedImageDataset  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+sys.path.insert(0, osp.join(bench_util.REPO_ROOT, 'scripts'))
 
 import prepare_data  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
-DEFAULT_DATA = '/work/shared/data/DRealSR_x4_test_crops'
+from basicsr.data.paired_image_dataset import PairedImageDataset  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--data', default=DEFAULT_DATA, help='folder with HR/ and LR/ holding same-named PNG pairs')
+    parser.add_argument(
+        '--data', default=None, help=f'folder with HR/ and LR/ holding same-named PNG pairs (default: ${bench_util.DATA_ENV})')
     parser.add_argument('--scale', type=int, default=4)
     parser.add_argument('--gt-size', type=int, default=384, help='HR patch size (LR 96 x 4 as in the paper)')
     parser.add_argument('--batch-size', type=int, default=4)
@@ -101,9 +99,7 @@ def time_loader(gt, lq, backend, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    for sub in ('HR', 'LR'):
-        if not osp.isdir(osp.join(args.data, sub)):
-            sys.exit(f'error: {osp.join(args.data, sub)} is not a folder; --data needs HR/ and LR/')
+    args.data = bench_util.photo_pairs_dir(args.data, '--data')
     workdir = args.workdir or tempfile.mkdtemp(prefix='bench_loader_')
     out = osp.join(workdir, 'data')
     try:

@@ -9,16 +9,14 @@ hits them alike; the median over rounds is reported with the speed-up over plain
 BasicSR's default. Prints one line per variant and phase.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 from copy import deepcopy
 
+import bench_util  # noqa: E402,F401,I001  (puts the repository on sys.path)
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import d2c_model  # noqa: E402,F401
 from basicsr.models import build_model  # noqa: E402
 

@@ -4,7 +4,18 @@ import d2c_compat
 d2c_compat.apply()  # must run before the first ``import basicsr``
 
 from .branch_util import BRANCH_REGISTRY, EDSRBranch, RCANBranch  # noqa: E402
-from .d2c_arch import D2CNet, bare_key, default_options, is_convergence_key, state_dict_differences  # noqa: E402
+from .d2c_arch import (  # noqa: E402
+                       NOT_INFERABLE,
+                       D2CNet,
+                       bare_key,
+                       default_options,
+                       infer_options,
+                       is_convergence_key,
+                       state_dict_differences,
+                       upsampler_scale,
+)
 
-__all__ = ['D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'bare_key', 'default_options', 'is_convergence_key',
-           'state_dict_differences']
+__all__ = [
+    'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'NOT_INFERABLE', 'bare_key', 'default_options',
+    'infer_options', 'is_convergence_key', 'state_dict_differences', 'upsampler_scale'
+]

@@ -235,3 +235,93 @@ def state_dict_differences(expected, loaded):
     unexpected = [k for k in loaded if k not in expected]
     resized = [k for k in expected if k in loaded and tuple(loaded[k].shape) != tuple(expected[k].shape)]
     return missing, unexpected, resized
+
+
+# options that leave no trace in the weights: a checkpoint cannot tell them, the option file must
+NOT_INFERABLE = ('img_range', 'rgb_mean', 'fusion_logit_relu')
+
+
+def upsampler_scale(conv_out_channels, num_feat):
+    """The scale of BasicSR's ``Upsample`` from the output channels of its convs, in order.
+
+    x2: one conv F -> 4F; x3: one conv F -> 9F; x4: two and x8: three convs F -> 4F (each
+    followed by PixelShuffle). Used for D2CNet's tails and for the authors' tails in the converter.
+
+    Args:
+        conv_out_channels (sequence[int]): Output channels of the upsampler's convs, in order.
+        num_feat (int): F, the features entering the upsampler.
+
+    Returns:
+        int | None: 2, 3, 4 or 8; None if the convs fit none of them.
+    """
+    outs = [int(c) for c in conv_out_channels]
+    if outs == [9 * num_feat]:
+        return 3
+    if 1 <= len(outs) <= 3 and outs == [4 * num_feat] * len(outs):
+        return 2**len(outs)
+    return None
+
+
+def _index_set(keys, prefix):
+    """Distinct integers right after ``prefix`` in ``keys`` (``tails.3.x`` -> 3 for prefix ``tails.``)."""
+    found = set()
+    for key in keys:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split('.', 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
+
+
+def infer_options(state_dict):
+    """D2CNet options that a state dict determines, read from its keys and shapes.
+
+    What cannot be read is listed in ``NOT_INFERABLE`` (``img_range``, ``rgb_mean``,
+    ``fusion_logit_relu``): those need the option file. ``module.`` prefixes must already be
+    removed (:func:`bare_key`).
+
+    Args:
+        state_dict (dict[str, Tensor]): D2CNet weights.
+
+    Returns:
+        dict: some of num_in_ch, num_out_ch, num_feat, tree_depth, tree_width, num_group,
+        num_block, reduction, upscale, branch_type, num_fusion_feat (the keys that could be
+        read), plus ``num_branch`` (not an option: the number of tails).
+
+    Raises:
+        ValueError: the keys do not look like D2CNet's (no ``head.weight`` / ``tails.*``).
+    """
+    keys = list(state_dict)
+    if 'head.weight' not in state_dict or not _index_set(keys, 'tails.'):
+        raise ValueError(f'the weights do not look like D2CNet (no head.weight / tails.*); first keys: {keys[:5]}')
+    head = state_dict['head.weight']
+    opt = {'num_feat': head.shape[0], 'num_in_ch': head.shape[1]}
+    levels = _index_set(keys, 'tree.')
+    opt['tree_depth'] = len(levels)
+    opt['tree_width'] = len(_index_set(keys, 'tree.0.')) if levels else 1
+    opt['num_branch'] = len(_index_set(keys, 'tails.'))
+    node = [k for k in keys if k.startswith('tree.0.0.')]
+    if any('.residual_group.' in k for k in node):
+        opt['branch_type'] = 'RCANBranch'
+        opt['num_block'] = len(_index_set(keys, 'tree.0.0.0.residual_group.'))
+        squeeze = state_dict.get('tree.0.0.0.residual_group.0.rcab.3.attention.1.weight')
+        if squeeze is not None:
+            opt['reduction'] = opt['num_feat'] // squeeze.shape[0]
+    elif any('.body.' in k for k in node):
+        opt['branch_type'] = 'EDSRBranch'
+        opt['num_block'] = len(_index_set(keys, 'tree.0.0.0.body.'))
+    if node:
+        opt['num_group'] = len(_index_set(keys, 'tree.0.0.')) - 1  # the last entry is the node's final conv
+    # tails.<leaf>.0 is BasicSR's Upsample: its convs sit at even indices, a PixelShuffle after each
+    up_convs = sorted(_index_set(keys, 'tails.0.0.'))
+    scale = upsampler_scale([state_dict[f'tails.0.0.{i}.weight'].shape[0] for i in up_convs], opt['num_feat'])
+    if scale is not None:
+        opt['upscale'] = scale
+    out_keys = [
+        k for k in keys if k.startswith('tails.0.') and k.endswith('.weight') and not k.startswith('tails.0.0.')
+    ]
+    if out_keys:
+        opt['num_out_ch'] = state_dict[out_keys[-1]].shape[0]
+    if 'convergence.0.weight' in state_dict:
+        opt['num_fusion_feat'] = state_dict['convergence.0.weight'].shape[0]
+    return opt

@@ -1,12 +1,13 @@
-"""D2C-SR models; importing this package registers D2CNet, the losses and D2CModel with BasicSR."""
+"""D2C-SR models; importing this package registers D2CNet, the losses, the metrics and D2CModel with BasicSR."""
 import d2c_compat
 
 d2c_compat.apply()  # must run before the first ``import basicsr``
 
 import d2c_arch  # noqa: E402,F401  (registers D2CNet)
 import d2c_losses  # noqa: E402,F401  (registers DivergenceLoss, ConvergenceLoss)
+import d2c_metrics  # noqa: E402,F401  (registers the authors' metrics)
 from .alpha_schedule import AlphaSchedule  # noqa: E402
 from .d2c_model import D2CModel  # noqa: E402
-from . import d2c_metric  # noqa: E402,F401  (registers the authors' metrics)
+from .model_mixin import PluginModelMixin  # noqa: E402
 
-__all__ = ['D2CModel', 'AlphaSchedule']
+__all__ = ['D2CModel', 'AlphaSchedule', 'PluginModelMixin']

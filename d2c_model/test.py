@@ -1,20 +1,10 @@
-"""Test a trained D2C-SR (or any BasicSR) model with BasicSR's test pipeline.
+"""Old spelling of ``python -m d2c_tools.test``, kept so that existing commands and scripts work.
 
-    python -m d2c_model.test -opt options/test_D2C_RealSR_x4.yml
-    d2c-test -opt ...             (the same, as a console script)
-
-Results go to ``results/<name>`` under the current directory.
+The tool lives in :mod:`d2c_tools.test`; this module only forwards to it.
 """
-import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
-from basicsr.test import test_pipeline
-from d2c_model.entry_util import use_plugin_dist_init, normalise_argv, run_pipeline
+import sys
 
-
-def main(argv=None):
-    normalise_argv(argv, 'd2c-test')
-    use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
-    run_pipeline(test_pipeline, 'd2c-test')
-
+from d2c_tools.test import main
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,23 +1,10 @@
-"""Train D2C-SR with BasicSR's training loop.
+"""Old spelling of ``python -m d2c_tools.train``, kept so that existing commands and scripts work.
 
-    python -m d2c_model.train -opt options/train_D2C_RealSR_x4.yml [--auto_resume] [--debug]
-        [--launcher none|pytorch|slurm] [--force_yml train:total_iter=1000 ...]
-    d2c-train -opt ...            (the same, as a console script)
-
-Experiments, logs and checkpoints go to ``experiments/<name>`` under the current directory.
+The tool lives in :mod:`d2c_tools.train`; this module only forwards to it.
 """
-import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
-from basicsr import train as basicsr_train
-from d2c_model.entry_util import use_plugin_dist_init, load_resume_state, normalise_argv, run_pipeline
+import sys
 
-
-def main(argv=None):
-    normalise_argv(argv, 'd2c-train')
-    use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
-    # BasicSR's own resume needs a GPU; ours maps states onto the run's device
-    basicsr_train.load_resume_state = load_resume_state
-    run_pipeline(basicsr_train.train_pipeline, 'd2c-train')
-
+from d2c_tools.train import main
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

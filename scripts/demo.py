@@ -26,12 +26,13 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import d2c_model  # noqa: E402,F401  (registers D2CNet, the losses, D2CModel; applies the compat shim)
-from basicsr.archs import build_network  # noqa: E402
 from basicsr.data.degradations import random_add_gaussian_noise, random_mixed_kernels  # noqa: E402
 from basicsr.utils import img2tensor, tensor2img  # noqa: E402
-from d2c_model import train as d2c_train  # noqa: E402
-from d2c_model.eval_util import oracle_fusion, psnr_ssim_y  # noqa: E402
-from d2c_model.visual_util import labelled_grid, weight_heatmap  # noqa: E402
+from d2c_tools import train as d2c_train  # noqa: E402
+from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_utils.eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
+from d2c_utils.img_util import read_image  # noqa: E402
+from d2c_utils.visual_util import labelled_grid, weight_heatmap  # noqa: E402
 
 DEMO_OPT = 'options/demo_D2C_x4.yml'
 TRAIN_PHOTOS = ('astronaut', 'coffee', 'hubble_deep_field', 'immunohistochemistry', 'stereo_motorcycle', 'retina',
@@ -107,8 +108,7 @@ def evaluate(net, lr, hr, out_dir, name):
     lq = img2tensor(lr.astype(np.float32) / 255., bgr2rgb=True, float32=True).unsqueeze(0)
     gt = img2tensor(hr.astype(np.float32) / 255., bgr2rgb=True, float32=True).unsqueeze(0)
     sr, branches, weights = net(lq, return_branches=True)
-    bicubic = cv2.resize(lr, (hr.shape[1], hr.shape[0]), interpolation=cv2.INTER_CUBIC)
-    outputs = [('bicubic', bicubic)]
+    outputs = [('bicubic', bicubic_upscale(lq, SCALE))]
     outputs += [(f'branch{i + 1}', tensor2img([branches[:, i]])) for i in range(branches.size(1))]
     outputs += [('fused', tensor2img([sr])), ('oracle', tensor2img([oracle_fusion(branches, gt)]))]
 
@@ -182,11 +182,9 @@ def main(argv=None):
 
     print(f'[3/3] Super-resolving the held-out photo "{HELD_OUT}" ...', flush=True)
     ckpt = os.path.join('experiments', opt['name'], 'models', 'net_g_latest.pth')
-    net = build_network(opt['network_g'])
-    net.load_state_dict(torch.load(ckpt, map_location='cpu', weights_only=True)['params'])
-    net.eval()
-    hr = cv2.imread(os.path.join(args.data, 'val', 'HR', f'{HELD_OUT}.png'))
-    lr = cv2.imread(os.path.join(args.data, 'val', 'LR', f'{HELD_OUT}.png'))
+    net, _ = load_model(ckpt, run_opt, param_key='params')
+    hr = read_image(os.path.join(args.data, 'val', 'HR', f'{HELD_OUT}.png'))
+    lr = read_image(os.path.join(args.data, 'val', 'LR', f'{HELD_OUT}.png'))
     rows = evaluate(net, lr, hr, args.out, HELD_OUT)
 
     lines = [f'{"":10s} {"PSNR(Y)":>8s} {"SSIM(Y)":>8s}'] + [f'{label:10s} {p:8.2f} {s:8.4f}' for label, p, s in rows]

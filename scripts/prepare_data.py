@@ -53,14 +53,15 @@ import numpy as np
 from tqdm import tqdm
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)  # run from a checkout too
+from d2c_utils.errors import ImageError, UserError  # noqa: E402  (light: no basicsr, no torch)
+from d2c_utils.img_util import read_image  # noqa: E402
 
 SPLITS = ('train', 'test')
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 # BasicSR's create_lmdb.py stores PNGs at compression level 1 (fast to decode).
 LMDB_COMPRESS_LEVEL = 1
-PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-# Every complete PNG ends with an empty IEND chunk: length 0, type, fixed CRC.
-PNG_IEND = b'\x00\x00\x00\x00IEND\xaeB`\x82'
 CHANNEL_NAMES = {1: 'gray', 2: 'gray+alpha', 3: 'RGB', 4: 'RGBA'}
 # Named regex groups that make up the pairing key: key, key1, key2, ...
 KEY_GROUP = re.compile(r'key\d*')
@@ -75,10 +76,6 @@ PRESETS = {
     'd2crealsr': dict(scales=(8, ), default_scale=8, hr='{key}.png', lr='{key}.png'),
     'generic': dict(scales=None, default_scale=None, hr='{key}.{ext}', lr='{key}.{ext}'),
 }
-
-
-class UsageError(Exception):
-    """A bad option or input layout; reported argparse style with exit code 2."""
 
 
 class Interrupted(Exception):
@@ -231,30 +228,30 @@ def _compile_template(template, scale, option):
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
-        raise UsageError(f'{option} {template!r}: {err}')
+        raise UserError(f'{option} {template!r}: {err}')
     for literal, name, spec, conv in parsed:
         parts.append(re.escape(literal))
         if name is None:
             continue
         if spec or conv:
-            raise UsageError(f'{option} {template!r}: format specs are not supported in {{{name}}}')
+            raise UserError(f'{option} {template!r}: format specs are not supported in {{{name}}}')
         if name in ('key', 'stem'):
             if 'key' in seen:
-                raise UsageError(f'{option} {template!r}: {{key}}/{{stem}} may appear only once')
+                raise UserError(f'{option} {template!r}: {{key}}/{{stem}} may appear only once')
             parts.append('(?P<key>.+)')
             seen.add('key')
         elif name == 'scale':
             parts.append(re.escape(str(scale)))
         elif name == 'ext':
             if 'ext' in seen:
-                raise UsageError(f'{option} {template!r}: {{ext}} may appear only once')
+                raise UserError(f'{option} {template!r}: {{ext}} may appear only once')
             parts.append('(?P<ext>[A-Za-z0-9]+)')
             seen.add('ext')
         else:
-            raise UsageError(f'{option} {template!r}: unknown placeholder {{{name}}}; use {{key}} (or {{stem}}), '
+            raise UserError(f'{option} {template!r}: unknown placeholder {{{name}}}; use {{key}} (or {{stem}}), '
                              '{scale}, {ext}')
     if 'key' not in seen:
-        raise UsageError(f'{option} {template!r} must contain {{key}} (or {{stem}}) to pair HR with LR files')
+        raise UserError(f'{option} {template!r} must contain {{key}} (or {{stem}}) to pair HR with LR files')
     return re.compile(''.join(parts))
 
 
@@ -262,9 +259,9 @@ def _compile_regex(regex, option):
     try:
         compiled = re.compile(regex)
     except re.error as err:
-        raise UsageError(f'{option} {regex!r} is not a valid regular expression: {err}')
+        raise UserError(f'{option} {regex!r} is not a valid regular expression: {err}')
     if not any(KEY_GROUP.fullmatch(name) for name in compiled.groupindex):
-        raise UsageError(f'{option} {regex!r} needs a named group (?P<key>...) that pairs HR with LR files')
+        raise UserError(f'{option} {regex!r} needs a named group (?P<key>...) that pairs HR with LR files')
     return compiled
 
 
@@ -284,7 +281,7 @@ def match_key(regex, name):
 
 def _require_dir(path, what):
     if not osp.isdir(path):
-        raise UsageError(f'{path} is not a folder ({what}); check --input/--scale or the layout in --help')
+        raise UserError(f'{path} is not a folder ({what}); check --input/--scale or the layout in --help')
 
 
 def _preset_dirs(preset, root, split, scale):
@@ -292,7 +289,7 @@ def _preset_dirs(preset, root, split, scale):
     if preset == 'realsr':
         cams = [cam for cam in ('Canon', 'Nikon') if osp.isdir(osp.join(root, cam))]
         if not cams:
-            raise UsageError(f'--input {root} has neither Canon/ nor Nikon/; expected the RealSR(V3) root, '
+            raise UserError(f'--input {root} has neither Canon/ nor Nikon/; expected the RealSR(V3) root, '
                              f'e.g. <root>/Canon/Train/{scale}/Canon_001_HR.png')
         dirs = []
         for cam in cams:
@@ -300,7 +297,7 @@ def _preset_dirs(preset, root, split, scale):
             if not osp.isdir(folder):
                 parent = osp.dirname(folder)
                 found = sorted(os.listdir(parent)) if osp.isdir(parent) else []
-                raise UsageError(f'{folder} is missing (RealSR V3 layout <root>/{cam}/{split.capitalize()}/<scale>); '
+                raise UserError(f'{folder} is missing (RealSR V3 layout <root>/{cam}/{split.capitalize()}/<scale>); '
                                  f'scale folders there: {", ".join(found) or "none"}; check --input and --scale')
             dirs.append((folder, folder))
         return dirs
@@ -322,50 +319,50 @@ def _preset_dirs(preset, root, split, scale):
 
 
 def make_plan(args):
-    """Validate the options and resolve folders and name patterns; raise UsageError."""
+    """Validate the options and resolve folders and name patterns; raise UserError."""
     preset = PRESETS[args.preset]
     # scale
     scale = args.scale if args.scale is not None else preset['default_scale']
     if scale is None:
-        raise UsageError(f'--scale is required for preset {args.preset}')
+        raise UserError(f'--scale is required for preset {args.preset}')
     if scale < 1:
-        raise UsageError(f'--scale {scale} must be a positive integer')
+        raise UserError(f'--scale {scale} must be a positive integer')
     if preset['scales'] and scale not in preset['scales']:
-        raise UsageError(f'--scale {scale} is not available for preset {args.preset} (choose from '
+        raise UserError(f'--scale {scale} is not available for preset {args.preset} (choose from '
                          f'{", ".join(map(str, preset["scales"]))}); use --preset generic for other data')
     # splits and folders
     if args.preset == 'generic':
         if args.input:
-            raise UsageError('--input is for the presets; with --preset generic give --hr-dir and --lr-dir')
+            raise UserError('--input is for the presets; with --preset generic give --hr-dir and --lr-dir')
         if not args.hr_dir or not args.lr_dir:
-            raise UsageError('--preset generic needs both --hr-dir and --lr-dir')
+            raise UserError('--preset generic needs both --hr-dir and --lr-dir')
         if args.split == 'all':
-            raise UsageError('--preset generic prepares one split per call: use --split train or --split test')
+            raise UserError('--preset generic prepares one split per call: use --split train or --split test')
         for opt, path in (('--hr-dir', args.hr_dir), ('--lr-dir', args.lr_dir)):
             if not osp.isdir(path):
-                raise UsageError(f'{opt} {path} is not a folder')
+                raise UserError(f'{opt} {path} is not a folder')
         splits = [(args.split or 'train', [(osp.abspath(args.hr_dir), osp.abspath(args.lr_dir))])]
         base = osp.commonpath([osp.abspath(args.hr_dir), osp.abspath(args.lr_dir)])
     else:
         if args.hr_dir or args.lr_dir:
-            raise UsageError(f'--hr-dir/--lr-dir are for --preset generic; preset {args.preset} reads --input')
+            raise UserError(f'--hr-dir/--lr-dir are for --preset generic; preset {args.preset} reads --input')
         if not args.input:
-            raise UsageError(f'--input is required for preset {args.preset}')
+            raise UserError(f'--input is required for preset {args.preset}')
         if not osp.isdir(args.input):
-            raise UsageError(f'--input {args.input} is not a folder')
+            raise UserError(f'--input {args.input} is not a folder')
         root = osp.abspath(args.input)
         names = SPLITS if args.split in (None, 'all') else (args.split, )
         splits = [(split, _preset_dirs(args.preset, root, split, scale)) for split in names]
         base = root
     # pairing patterns
     if args.regex and (args.hr_regex or args.lr_regex):
-        raise UsageError('--regex sets both sides; do not combine it with --hr-regex/--lr-regex')
+        raise UserError('--regex sets both sides; do not combine it with --hr-regex/--lr-regex')
     regexes = {}
     for side in ('hr', 'lr'):
         regex = args.regex or getattr(args, f'{side}_regex')
         template = getattr(args, f'{side}_pattern')
         if regex and template:
-            raise UsageError(f'give either --{side}-pattern or a regex for the {side.upper()} names, not both')
+            raise UserError(f'give either --{side}-pattern or a regex for the {side.upper()} names, not both')
         if regex:
             regexes[side] = (_compile_regex(regex, f'--{side}-regex'), f'regex {regex!r}')
         else:
@@ -375,40 +372,40 @@ def make_plan(args):
     crop = None
     if args.crop_size is None:
         if args.step is not None or args.thresh_size:
-            raise UsageError('--step/--thresh-size need --crop-size')
+            raise UserError('--step/--thresh-size need --crop-size')
     else:
         if not any(split == 'train' for split, _ in splits):
-            raise UsageError('--crop-size applies to the train split only (the test split is never cropped)')
+            raise UserError('--crop-size applies to the train split only (the test split is never cropped)')
         if args.crop_size <= 0 or args.crop_size % scale:
-            raise UsageError(f'--crop-size {args.crop_size} must be a positive multiple of --scale {scale} so that '
+            raise UserError(f'--crop-size {args.crop_size} must be a positive multiple of --scale {scale} so that '
                              'the LR sub-image is crop-size/scale pixels')
         step = args.step if args.step is not None else max(scale, args.crop_size // 2 // scale * scale)
         if step <= 0 or step % scale:
-            raise UsageError(f'--step {step} must be a positive multiple of --scale {scale} so that LR positions '
+            raise UserError(f'--step {step} must be a positive multiple of --scale {scale} so that LR positions '
                              'are whole pixels')
         if args.thresh_size < 0:
-            raise UsageError(f'--thresh-size {args.thresh_size} must be >= 0')
+            raise UserError(f'--thresh-size {args.thresh_size} must be >= 0')
         crop = (args.crop_size, step, args.thresh_size)
     if args.allow_crop < 0:
-        raise UsageError(f'--allow-crop {args.allow_crop} must be >= 0')
+        raise UserError(f'--allow-crop {args.allow_crop} must be >= 0')
     if args.workers < 1:
-        raise UsageError(f'--workers {args.workers} must be >= 1')
+        raise UserError(f'--workers {args.workers} must be >= 1')
     # output
     output = osp.abspath(args.output)
     if osp.lexists(output) and not osp.isdir(output):
-        raise UsageError(f'--output {output} exists and is not a folder')
+        raise UserError(f'--output {output} exists and is not a folder')
     for split, dir_pairs in splits:
         target = osp.join(output, split)
         for hr_dir, lr_dir in dir_pairs:
             for folder in (hr_dir, lr_dir):
                 # --overwrite would move the input away together with the old output
                 if osp.commonpath([folder, target]) == target:
-                    raise UsageError(f'input folder {folder} lies inside the output {target}; choose another --output')
+                    raise UserError(f'input folder {folder} lies inside the output {target}; choose another --output')
     if not args.overwrite and not args.dry_run:
         for split, _ in splits:
             target = osp.join(output, split)
             if osp.lexists(target):
-                raise UsageError(f'{target} already exists; pass --overwrite to replace it (the old folder is '
+                raise UserError(f'{target} already exists; pass --overwrite to replace it (the old folder is '
                                  'replaced only after the new one is complete) or choose another --output')
     return Plan(splits=splits, scale=scale, hr_regex=regexes['hr'][0], lr_regex=regexes['lr'][0],
                 hr_desc=regexes['hr'][1], lr_desc=regexes['lr'][1], crop=crop, output=output, base=base)
@@ -481,41 +478,6 @@ def collect_pairs(split, dir_pairs, plan):
     return pairs, problems
 
 
-def read_image(path):
-    """Decode an image unchanged (bit depth and channels kept).
-
-    Returns:
-        tuple: (ndarray, None) on success, (None, (kind, detail)) if the file is unusable.
-    """
-    try:
-        with open(path, 'rb') as fin:
-            data = fin.read()
-    except OSError as err:
-        return None, ('unreadable', f'cannot open it: {err.strerror}')
-    if not data:
-        return None, ('unreadable', 'empty file (0 bytes)')
-    ext = osp.splitext(path)[1].lower()
-    # OpenCV may decode a cut-off file into a partly grey image without an error, so
-    # check the container ends where it should before trusting the pixels.
-    if ext == '.png':
-        if not data.startswith(PNG_SIGNATURE):
-            return None, ('unreadable', 'not a PNG file (bad signature) although named .png')
-        if not data.endswith(PNG_IEND):
-            return None, ('truncated', f'PNG is truncated: it does not end with an IEND chunk ({len(data)} bytes); '
-                          're-download or re-export it')
-    elif ext in ('.jpg', '.jpeg'):
-        if not data.startswith(b'\xff\xd8'):
-            return None, ('unreadable', 'not a JPEG file (bad signature) although named .jpg')
-        if not data.rstrip(b'\x00\r\n ').endswith(b'\xff\xd9'):
-            return None, ('truncated', 'JPEG is truncated: no end-of-image marker; re-download or re-export it')
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        return None, ('unreadable', 'OpenCV cannot decode it (corrupt or unsupported format)')
-    if img.dtype not in (np.uint8, np.uint16) or img.ndim not in (2, 3):
-        return None, ('unsupported', f'{img.dtype} image with shape {img.shape}; only 8/16-bit images are supported')
-    return img, None
-
-
 def align_sizes(hr, lr, scale, allow_crop):
     """Return ((lr_h, lr_w), None) for a usable pair or (None, detail) if the sizes do not fit.
 
@@ -545,11 +507,10 @@ def inspect_pair(pair, scale, allow_crop, crop):
     """Decode both images of ``pair`` and check them; fill pair.hr/lr/lr_size. Return a list of Problems."""
     problems, infos = [], {}
     for role, path in (('HR', pair.hr_path), ('LR', pair.lr_path)):
-        img, err = read_image(path)
-        if err:
-            problems.append(Problem(pair.split, [path], err[0], f'{role}: {err[1]}'))
-        else:
-            infos[role] = ImageInfo.from_array(img)
+        try:
+            infos[role] = ImageInfo.from_array(read_image(path))
+        except ImageError as err:
+            problems.append(Problem(pair.split, [path], err.kind, f'{role}: {err}'))
     if problems:
         return problems
     pair.hr, pair.lr = infos['HR'], infos['LR']
@@ -616,10 +577,10 @@ def _write_png(path, img, compress_level):
 
 
 def _load_checked(path):
-    img, err = read_image(path)
-    if err:  # it was fine a moment ago, so it changed under us
-        raise RuntimeError(f'{path} became unusable while preparing ({err[1]}); rerun')
-    return img
+    try:
+        return read_image(path)
+    except ImageError as err:  # it was fine a moment ago, so it changed under us
+        raise RuntimeError(f'{path} became unusable while preparing ({err}); rerun') from None
 
 
 def write_pair(pair, split_dir, scale, crop, compress_level):
@@ -690,8 +651,6 @@ def _make_lmdb_from_imgs():
     Importing basicsr loads torch (seconds), so it is done only when --lmdb is used; d2c_compat
     must patch torchvision before basicsr is first imported.
     """
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
     import d2c_compat
     d2c_compat.apply()
     from basicsr.utils.lmdb_util import make_lmdb_from_imgs
@@ -828,7 +787,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         plan = make_plan(args)
-    except UsageError as err:
+    except UserError as err:
         parser.error(str(err))
 
     prefix = osp.basename(plan.output)

@@ -9,7 +9,7 @@ import torch
 
 import d2c_model  # noqa: F401
 from basicsr import train as basicsr_train
-from d2c_model import train as d2c_train
+from d2c_tools import train as d2c_train
 
 built = []
 _build_model = basicsr_train.build_model

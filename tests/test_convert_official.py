@@ -1,4 +1,4 @@
-"""d2c_model.convert_official: the authors' MegEngine checkpoint -> a BasicSR checkpoint for D2CNet.
+"""d2c_tools.convert_official / d2c_utils.official_util: the authors' MegEngine checkpoint -> a BasicSR checkpoint for D2CNet.
 
 The real released file is not available here. These tests build checkpoints in the authors'
 layout two independent ways: from D2CNet through ``export_official`` (round trip), and from the
@@ -6,8 +6,8 @@ authors' key names and shapes as described in shared/notes/d2c-facts.md (``offic
 below, not the converter's table), checked against a functional re-implementation of the
 authors' D_Net / C_Net (``reference_forward``).
 """
-import os
 import io
+import os
 import pickle
 import runpy
 import sys
@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT
 from torch.nn import functional as F
 
 from basicsr.utils.options import ordered_yaml
-from conftest import REPO_ROOT
 from d2c_arch import D2CNet
-from d2c_model import convert_official as co
+from d2c_tools import convert_official
+from d2c_utils import official_util as co
 
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
 RGB_MEAN_OF_CONVERTED = [0.4040, 0.4371, 0.4488]  # the authors' (BGR) mean seen in RGB order
@@ -151,7 +152,7 @@ def write_pickle(path, obj, protocol=pickle.DEFAULT_PROTOCOL):
 
 
 def run_cli(capsys, *argv):
-    rc = co.main([str(a) for a in argv])
+    rc = convert_official.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -507,16 +508,16 @@ def test_safe_unpickler_reads_numpy_written_by_numpy_1_names():
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The script
+# 6. The command line
 # ----------------------------------------------------------------------------------------------
-def test_script_wrapper(tmp_path, capsys, monkeypatch):
-    """scripts/convert_official.py runs main() and exits with its status."""
+@pytest.mark.parametrize('module', ['d2c_tools.convert_official', 'd2c_model.convert_official'])
+def test_module_entry_point(tmp_path, capsys, monkeypatch, module):
+    """``python -m <module>`` (the tool and its old spelling) runs main() and exits with its status."""
     with pytest.raises(SystemExit) as exc:
-        co.main(['--help'])
+        convert_official.main(['--help'])
     assert exc.value.code == 0 and '--opt-out' in capsys.readouterr().out
-    script = os.path.join(REPO_ROOT, 'scripts', 'convert_official.py')
-    monkeypatch.setattr(sys, 'argv', [script, str(tmp_path / 'missing.pkl'), str(tmp_path / 'o.pth')])
+    monkeypatch.setattr(sys, 'argv', [module, str(tmp_path / 'missing.pkl'), str(tmp_path / 'o.pth')])
     with pytest.raises(SystemExit) as exc:
-        runpy.run_path(script, run_name='__main__')
+        runpy.run_module(module, run_name='__main__', alter_sys=True)
     assert exc.value.code == 2
     assert_one_line_error(exc.value.code, capsys.readouterr().err, 'missing.pkl: no such file')

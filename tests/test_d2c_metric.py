@@ -1,4 +1,4 @@
-"""d2c_model.d2c_metric: the authors' Y-PSNR and Gaussian SSIM as BasicSR metrics."""
+"""d2c_metrics.d2c_metric: the authors' Y-PSNR and Gaussian SSIM as BasicSR metrics."""
 import glob
 import math
 import os
@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 import yaml
+from conftest import REPO_ROOT
 from numpy.lib.stride_tricks import sliding_window_view
 
 from basicsr.metrics import calculate_metric
 from basicsr.metrics.psnr_ssim import calculate_psnr
 from basicsr.utils.options import ordered_yaml
 from basicsr.utils.registry import METRIC_REGISTRY
-from conftest import REPO_ROOT
-from d2c_model.d2c_metric import calculate_psnr_d2c, calculate_ssim_d2c
+from d2c_metrics import calculate_psnr_d2c, calculate_ssim_d2c
 
 WEIGHTS = np.array([65.738, 129.057, 25.064]) / 256  # the authors' gray_coeffs / 256
 RNG = np.random.default_rng(0)

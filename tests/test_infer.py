@@ -13,9 +13,9 @@ import yaml
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from d2c_arch import D2CNet
-from d2c_model import infer
-from d2c_model.eval_util import oracle_fusion
-from d2c_model.tile_util import run_network, super_resolve, tile_boxes
+from d2c_tools import infer
+from d2c_utils.eval_util import oracle_fusion
+from d2c_utils.tile_util import run_network, super_resolve, tile_boxes
 
 TINY = {'type': 'D2CNet', 'num_feat': 8, 'num_group': 1, 'num_block': 1, 'reduction': 4, 'upscale': 4,
         'num_fusion_feat': 8}
@@ -310,7 +310,7 @@ def test_options_and_checkpoint_mismatch_lists_keys(tmp_path, capsys, model):
     code, text = run_cli(capsys, ['-i', str(tmp_path / 'a.png'), '--model', pth, '--opt', other_yml])
     assert code == 2
     assert 'upscale: options 2, checkpoint 4' in text and 'num_feat: options 16, checkpoint 8' in text
-    assert 'head.weight checkpoint (8, 3, 3, 3) vs options (16, 3, 3, 3)' in text
+    assert 'head.weight: checkpoint (8, 3, 3, 3) vs network (16, 3, 3, 3)' in text
     assert 'tails.0.0.2.weight' in text  # the second x2 stage only exists at x4
     assert other_yml in text
 
@@ -387,7 +387,7 @@ def test_fp16_on_cpu_is_ignored_with_a_warning(tmp_path, capsys, model):
 
 
 def test_help(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'd2c_model.infer', '--help'], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, '-m', 'd2c_tools.infer', '--help'], capture_output=True, text=True,
                          cwd=str(tmp_path), timeout=120)
     assert res.returncode == 0
     for flag in ('--input', '--output', '--outscale', '--suffix', '--ext', '--tile', '--tile-pad', '--pre-pad',

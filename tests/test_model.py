@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_opt, write_yaml
 
 from basicsr.models import build_model
-from conftest import tiny_train_opt, write_yaml
 from d2c_arch import is_convergence_key
 from d2c_model import AlphaSchedule, D2CModel
 

@@ -6,10 +6,10 @@ from copy import deepcopy
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT
 
 from basicsr.models import build_model
 from basicsr.utils.options import ordered_yaml
-from conftest import REPO_ROOT
 from d2c_arch import D2CNet
 
 OPTION_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, 'options', '*.yml')))
@@ -68,6 +68,7 @@ def test_option_file_builds(path, tmp_path):
         assert net.head.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow
 def test_demo_smoke_run(demo_run):
     """scripts/demo.py end to end (every iteration count scaled down, see conftest.demo_run)."""
     root, stdout = demo_run['root'], demo_run['stdout']

@@ -9,10 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2c_arch import D2CNet
-from d2c_model import infer, precision_util
-from d2c_model.eval_util import tensor_psnr
-from d2c_model.precision_util import resolve_precision
-from d2c_model.tile_util import GuardedForward, output_problem, prepare_network, run_network, super_resolve
+from d2c_tools import infer
+from d2c_utils import precision_util
+from d2c_utils.checkpoint_util import load_model
+from d2c_utils.eval_util import tensor_psnr
+from d2c_utils.precision_util import resolve_precision
+from d2c_utils.tile_util import GuardedForward, output_problem, prepare_network, run_network, super_resolve
 
 
 def photo_tensor(path):
@@ -155,9 +157,10 @@ def test_fallback_inside_tiled_super_resolve_covers_every_tile():
 # ------------------------------------------------------------- quality guard, trained model
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_agrees_with_fp32_on_a_real_photo_with_the_demo_model(demo_run):
     """The issue's quality guard: >= 50 dB against fp32 NCHW, trained demo model, real photo."""
-    net, _ = infer.load_model(demo_run['model'], demo_run['opt'])
+    net, _ = load_model(demo_run['model'], demo_run['opt'])
     lq = photo_tensor(demo_run['lr'])[:, :, :48, :64]  # the held-out cat, 64x48 -> 256x192
     reference = run_network(net, lq, return_branches=True)
     prepare_network(net, True)
@@ -170,6 +173,7 @@ def test_bf16_channels_last_agrees_with_fp32_on_a_real_photo_with_the_demo_model
         assert tensor_psnr(got.clamp(0, 1), want.clamp(0, 1)) >= 45
 
 
+@pytest.mark.slow
 def test_d2c_infer_precision_flags(demo_run, tmp_path, capsys):
     common = ['-i', demo_run['lr'], '--model', demo_run['model'], '--opt', demo_run['opt'], '--device', 'cpu', '-q']
     assert infer.main(common + ['-o', str(tmp_path / 'fp32'), '--precision', 'fp32', '--no-channels-last']) == 0

@@ -190,8 +190,9 @@ def _batches(gt, lq, backend, gt_size, seed=7):
     import d2c_compat
     d2c_compat.apply()
     import torch
-    from basicsr.data.paired_image_dataset import PairedImageDataset
     from torch.utils.data import DataLoader, Subset
+
+    from basicsr.data.paired_image_dataset import PairedImageDataset
 
     opt = dict(dataroot_gt=str(gt), dataroot_lq=str(lq), io_backend={'type': backend}, gt_size=gt_size,
                use_hflip=True, use_rot=True, scale=SCALE, phase='train')

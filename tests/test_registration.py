@@ -4,11 +4,11 @@ import shutil
 import subprocess
 import sys
 
-import basicsr
 import pytest
-
-import d2c_compat
 from conftest import make_pairs, tiny_train_opt, write_yaml
+
+import basicsr
+import d2c_compat
 
 
 def run_python(code, env_extra=None, cwd=None, args=()):
@@ -107,7 +107,7 @@ def test_compat_shim_installs_where_needed(monkeypatch):
     assert d2c_compat.apply() == []  # idempotent
 
 
-@pytest.mark.parametrize('module', ['d2c_model.train', 'd2c_model.test'])
+@pytest.mark.parametrize('module', ['d2c_tools.train', 'd2c_tools.test', 'd2c_model.train', 'd2c_model.test'])
 def test_entry_points_have_help(module):
     result = run_python(None, args=['-m', module, '--help'])
     assert result.returncode == 0 and '-opt' in result.stdout

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
+from conftest import REPO_ROOT, tiny_train_opt, write_yaml
+from test_model import in_process_opt, iter_table, read_log, run_iters, snapshot, state_summary, train
 
 from basicsr.models import build_model
-from conftest import REPO_ROOT, tiny_train_opt, write_yaml
 from d2c_arch import D2CNet
-from d2c_model.d2c_model import atomic_torch_save
-from test_model import in_process_opt, iter_table, read_log, run_iters, snapshot, state_summary, train
+from d2c_utils.checkpoint_util import atomic_torch_save
 
 LOSS_LINE = re.compile(r'iter:\s*([\d,]+),.*?phase: \w+ (.*)$', re.M)
 
@@ -37,6 +37,7 @@ def deterministic_opt(data_root, name, batch):
     return opt
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_matches_single_process(tmp_path, tiny_data):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     dist_yml = write_yaml(tmp_path / 'dist.yml', deterministic_opt(tiny_data, 'dist', batch=1))
@@ -67,13 +68,14 @@ def test_two_process_cpu_training_matches_single_process(tmp_path, tiny_data):
     assert all(torch.allclose(single['params'][k], rank0[k], atol=1e-4) for k in rank0)
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_auto_resume(tmp_path, tiny_data):
     opt = tiny_train_opt(tiny_data, name='killed', phases=(('divergence', 24), ('convergence', 16)))
     opt['logger']['save_checkpoint_freq'] = 2
     opt['val']['val_freq'] = 1000
     yml = write_yaml(tmp_path / 'killed.yml', opt)
     states = tmp_path / 'experiments' / 'killed' / 'training_states'
-    proc = subprocess.Popen([sys.executable, '-m', 'd2c_model.train', '-opt', yml], cwd=str(tmp_path),
+    proc = subprocess.Popen([sys.executable, '-m', 'd2c_tools.train', '-opt', yml], cwd=str(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -196,7 +198,7 @@ def test_bad_configuration_exits_2_with_one_line_message(tmp_path, tiny_data):
     opt = tiny_train_opt(tiny_data, name='bad')
     opt['network_g']['upscale'] = 2
     yml = write_yaml(tmp_path / 'bad.yml', opt)
-    result = subprocess.run([sys.executable, '-m', 'd2c_model.train', '-opt', yml], cwd=str(tmp_path),
+    result = subprocess.run([sys.executable, '-m', 'd2c_tools.train', '-opt', yml], cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert 'd2c-train: error: D2CModel: network_g.upscale=2 but scale=4' in result.stderr
@@ -204,7 +206,7 @@ def test_bad_configuration_exits_2_with_one_line_message(tmp_path, tiny_data):
 
 
 def test_local_rank_with_dash_is_accepted(monkeypatch):
-    from d2c_model.entry_util import normalise_argv
+    from d2c_utils.entry_util import normalise_argv
     monkeypatch.setattr(sys, 'argv', ['x'])
     normalise_argv(['-opt', __file__, '--local-rank=1', '--local-rank', '0'], 'd2c-train')
     assert sys.argv == ['d2c-train', '-opt', __file__, '--local_rank=1', '--local_rank', '0']

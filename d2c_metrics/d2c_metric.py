@@ -23,7 +23,8 @@ SSIM, that the authors do not clip the SR image before SSIM.
 
 BasicSR's own ``calculate_psnr`` / ``calculate_ssim`` with ``test_y_channel: true`` use BT.601 luma
 with the +16 offset on correctly ordered channels, and MATLAB-style SSIM on the 'valid' region of
-the shaved image, so they give slightly different numbers; see ``docs_drafts/official.md``.
+the shaved image, so they give slightly different numbers; see ``docs/official_weights.md``
+(which numbers are which).
 
 Both functions are registered in BasicSR's ``METRIC_REGISTRY``, so option files use them as::
 
@@ -100,11 +101,13 @@ def calculate_psnr_d2c(img, img2, crop_border, input_order='HWC', luma='authors'
 
 
 def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
-    """The authors' window: a normalised 1-D Gaussian, outer product with itself; (size, size), sums to 1."""
-    x = np.arange(size, dtype=np.float64) - size // 2
-    g = np.exp(-x**2 / (2 * sigma**2))
-    g /= g.sum()
-    return np.outer(g, g)
+    """The authors' window: a normalised 1-D Gaussian, outer product with itself; (size, size), sums to 1.
+
+    Made with ``cv2.getGaussianKernel`` as BasicSR's ``_ssim`` does (float64, the same values as
+    the authors' ``exp(-x^2 / 2 sigma^2)`` normalised to sum 1).
+    """
+    kernel = cv2.getGaussianKernel(size, sigma)
+    return np.outer(kernel, kernel.transpose())
 
 
 def _filter_zero_pad(img, window):

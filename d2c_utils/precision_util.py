@@ -1,5 +1,6 @@
 """Choosing reduced precision (autocast) for training, validation and inference."""
 import contextlib
+
 import torch
 
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')

@@ -3,13 +3,18 @@ import os
 import re
 import subprocess
 import sys
-import torch
-import torch.distributed as dist
 import warnings
 from os import path as osp
 
-from basicsr.utils import options as basicsr_options
-from basicsr.utils.misc import check_resume
+import torch
+import torch.distributed as dist
+
+import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
+
+d2c_compat.apply()
+
+from basicsr.utils import options as basicsr_options  # noqa: E402
+from basicsr.utils.misc import check_resume  # noqa: E402
 
 TRACEBACK_ENV = 'D2C_SR_TRACEBACK'
 

@@ -38,7 +38,7 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
         lq (Tensor): LR images (N, 3, h, w), float32, range [0, 1], on the network's device.
         return_branches (bool): Also return the P predictions and the weight maps.
         dtype (torch.dtype | None): Autocast dtype (torch.bfloat16 / torch.float16) or None
-            for plain fp32 (see :func:`d2c_model.precision_util.resolve_precision`).
+            for plain fp32 (see :func:`d2c_utils.precision_util.resolve_precision`).
         channels_last (bool): Feed the input in the channels_last (NHWC) memory layout.
 
     Returns:

@@ -1,0 +1,187 @@
+"""Super-resolve real photos with a trained D2C-SR model.
+
+    d2c-infer -i photo.png --model net_g_latest.pth --opt options/train_D2C_RealSR_x4.yml
+    python -m d2c_tools.infer -i photos/ -o results/infer --model ... --opt ... --tile 128
+
+Writes ``<name>_<suffix>.<ext>`` for every input image (an image or a folder of images) and,
+on request, every branch's prediction, the weight maps as heatmaps, a grid picture and
+Y-PSNR/SSIM against ground truth. Gray, RGB, RGBA and 16-bit images come out in the same kind.
+
+Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
+refuses pickled Python objects (that could run code) and loads only tensors and plain
+containers. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2 usage,
+model or option errors (one line naming the file and what to do).
+"""
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
+from d2c_utils.checkpoint_util import load_model
+from d2c_utils.errors import ImageError, UserError, report_user_error
+from d2c_utils.img_util import list_inputs
+from d2c_utils.infer_util import OutputOptions, process_image, select_device, select_precision, write_metrics
+from d2c_utils.precision_util import precision_name
+from d2c_utils.tile_util import GuardedForward, prepare_network
+
+PROG = 'd2c-infer'
+# documented default context around a tile, in LR pixels (see docs/inference.md, tiling)
+DEFAULT_TILE_PAD = 32
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group('input and output')
+    io.add_argument('-i', '--input', required=True, help='an image or a folder of images')
+    io.add_argument('-o', '--output', default='results/infer', help='output folder (default: %(default)s)')
+    io.add_argument(
+        '-s',
+        '--outscale',
+        type=float,
+        default=None,
+        help='final scale: the network output is resized with cv2 LANCZOS4 when this differs from '
+        "the network's scale (default: the network's scale)")
+    io.add_argument(
+        '--suffix', default='out', help='outputs are <name>_<suffix>.<ext>; empty: <name>.<ext> (default: %(default)s)')
+    io.add_argument(
+        '--ext',
+        default='auto',
+        choices=['auto', 'png', 'jpg'],
+        help="output format; auto = the input's (PNG where the format cannot hold alpha or 16 bits)")
+    model = parser.add_argument_group('model')
+    model.add_argument('-m', '--model', required=True, help='checkpoint written by training (.pth)')
+    model.add_argument(
+        '--opt',
+        default=None,
+        help='training option file whose network_g is used; required unless the checkpoint '
+        'carries its options (training checkpoints do not)')
+    model.add_argument(
+        '--param-key', default=None, help='state dict in the checkpoint (default: params_ema if present, else params)')
+    run = parser.add_argument_group('running')
+    run.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: %(default)s')
+    run.add_argument(
+        '--precision',
+        default='auto',
+        choices=['auto', 'fp32', 'bf16', 'fp16'],
+        help='arithmetic of the forward pass (autocast): auto = bf16 on a CPU with native bf16 '
+        '(AVX512-BF16/AMX), fp16 on CUDA, fp32 otherwise; fp16 needs CUDA. A reduced precision '
+        'that gives non-finite or broken output falls back to fp32 with a warning (default: '
+        '%(default)s)')
+    run.add_argument(
+        '--no-channels-last',
+        dest='channels_last',
+        action='store_false',
+        help='keep the NCHW memory layout instead of channels_last (NHWC), which is faster for '
+        'these convolutions on CPUs and tensor-core GPUs')
+    run.add_argument(
+        '--fp16', action='store_true', help='old spelling of --precision fp16 (on a CPU: a warning, and fp32)')
+    run.add_argument(
+        '-t',
+        '--tile',
+        type=int,
+        default=0,
+        help='tile side in input pixels; 0 = whole image at once (default: %(default)s)')
+    run.add_argument(
+        '--tile-pad',
+        type=int,
+        default=DEFAULT_TILE_PAD,
+        help='context around each tile in input pixels (default: %(default)s)')
+    run.add_argument(
+        '--pre-pad',
+        type=int,
+        default=0,
+        help='reflection padding at the bottom/right of the input, removed afterwards (default: 0)')
+    extra = parser.add_argument_group('pictures and metrics')
+    extra.add_argument(
+        '--save-branches', action='store_true', help="also write each branch's prediction <name>_branch<i>.<ext>")
+    extra.add_argument(
+        '--save-weights',
+        action='store_true',
+        help='also write the weight maps as heatmaps <name>_weight<i>.png and <name>_grid.png '
+        '(input, branches, weights, fused)')
+    extra.add_argument(
+        '--grid-size',
+        type=int,
+        default=512,
+        help='longest side of a cell of the grid picture; larger outputs are shrunk, 0 = full size '
+        '(default: %(default)s)')
+    extra.add_argument(
+        '--reference',
+        metavar='HR_DIR',
+        default=None,
+        help='ground-truth folder (same file names): print Y-PSNR/SSIM of bicubic, each branch, '
+        'fused and the oracle fusion and write <output>/metrics.csv')
+    parser.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
+    args = parser.parse_args(argv)
+    for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size'):
+        if getattr(args, name) < 0:
+            parser.error(f'--{name.replace("_", "-")} must be >= 0')
+    if args.outscale is not None and args.outscale <= 0:
+        parser.error('--outscale must be positive')
+    if args.reference and not os.path.isdir(args.reference):
+        parser.error(f'--reference: folder not found: {args.reference}')
+    return args
+
+
+def warn(message):
+    tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr)
+
+
+def main(argv=None):
+    """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors)."""
+    args = parse_args(argv)
+    try:
+        device = select_device(args.device)
+        if args.fp16 and device.type != 'cuda':
+            warn(f'--fp16 needs CUDA; running in float32 on the {device.type}')
+            args.precision = 'fp32'
+        elif args.fp16:
+            args.precision = 'fp16'
+        dtype = select_precision(args.precision, device, warn)
+        inputs = list_inputs(args.input)
+        net, info = load_model(args.model, args.opt, args.param_key, device)
+        for line in info['warnings']:
+            warn(f'{args.model}: {line}')
+        prepare_network(net, args.channels_last)
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as err:
+            raise UserError(f'cannot create the output folder {args.output}: {err.strerror or err}') from None
+    except UserError as err:
+        return report_user_error(PROG, err)
+    tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
+    weights = args.model + (f' [{info["param_key"]}]' if info['param_key'] else '')
+    print(f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width}); weights '
+          f'{weights}; options {info["opt_source"]}; {device.type}, {precision_name(dtype)}, '
+          f'{"channels_last" if args.channels_last else "NCHW"}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+    if args.reference and dtype is not None:
+        print(f'{PROG}: note: metrics of a {precision_name(dtype)} run can be a few hundredths of a dB below fp32\'s '
+              '(8-bit rounding of slightly different outputs); use --precision fp32 for numbers you report',
+              file=sys.stderr)
+    forward = GuardedForward(dtype, args.channels_last, warn=warn)
+    options = OutputOptions.from_namespace(args)
+
+    failed, rows = [], []
+    for path in tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr):
+        try:
+            metrics = process_image(path, net, options, device, forward, PROG)
+        except (ImageError, OSError) as err:  # OSError: e.g. the output folder became unwritable
+            failed.append(path)
+            tqdm.write(f'{PROG}: skipped {path}: {err}', file=sys.stderr)
+            continue
+        if metrics is not None:
+            rows.append((os.path.basename(path), metrics))
+    if rows:
+        write_metrics(args.output, rows)
+    print(f'{len(inputs) - len(failed)} of {len(inputs)} image(s) written to {args.output}')
+    if failed:
+        print(f'{PROG}: {len(failed)} input(s) skipped: {", ".join(failed)}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Train D2C-SR with BasicSR's training loop.
+
+    python -m d2c_tools.train -opt options/train_D2C_RealSR_x4.yml [--auto_resume] [--debug]
+        [--launcher none|pytorch|slurm] [--force_yml train:total_iter=1000 ...]
+    d2c-train -opt ...            (the same, as a console script)
+
+Experiments, logs and checkpoints go to ``experiments/<name>`` under the current directory.
+"""
+import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
+from basicsr import train as basicsr_train
+from d2c_utils.entry_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
+
+
+def main(argv=None):
+    normalise_argv(argv, 'd2c-train')
+    use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
+    # BasicSR's own resume needs a GPU; ours maps states onto the run's device
+    basicsr_train.load_resume_state = load_resume_state
+    run_pipeline(basicsr_train.train_pipeline, 'd2c-train')
+
+
+if __name__ == '__main__':
+    main()

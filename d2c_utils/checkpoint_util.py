@@ -1,0 +1,337 @@
+"""The one way d2c-sr loads a model: safe reading, network options, one mismatch message.
+
+Used by ``d2c-infer``, ``d2c-summary``, the demo, the benchmarks and ``D2CModel.load_network``
+(``path.pretrain_network_g``). Also the atomic writers every tool and model saves through.
+
+Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
+refuses pickled Python objects (that could run code) and loads only tensors and plain containers.
+"""
+import os
+import pickle
+import re
+import tempfile
+from os import path as osp
+
+import torch
+import yaml
+
+from d2c_arch import D2CNet, bare_key, default_options, infer_options, state_dict_differences
+from .errors import UserError
+
+MAX_LISTED_KEYS = 8
+
+
+def first_line(err):
+    """The first informative line of an exception's message (at most 200 characters)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # torch's weights_only messages start with boilerplate; the specific reason comes later
+    specific = [
+        line for line in lines
+        if not line.startswith(('Weights only load failed', 'Please file an issue', 'Check the documentation'))
+    ]
+    return (specific or lines or [''])[0][:200]
+
+
+def load_checkpoint(path, what='--model'):
+    """Read a model file safely.
+
+    Only tensors and plain containers are unpickled (``weights_only=True``); anything that
+    would need a Python global (a class, ``os.system``, ...) is refused.
+
+    Args:
+        path (str): The file.
+        what (str): How the user passed it (flag or option key), for the messages.
+
+    Raises:
+        UserError: missing, unreadable, corrupt or refused file; the message names it.
+    """
+    if not osp.isfile(path):
+        raise UserError(f'model file not found: {path} (pass {what} <a .pth written by training>)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        match = re.search(r'GLOBAL\s+([\w.]+)', str(err))
+        if match:
+            raise UserError(f'refusing to load {path}: it holds a pickled Python object ({match.group(1)}) that '
+                            'torch.load(weights_only=True) does not allow, because loading it could run code. '
+                            'Only tensors and plain containers are accepted; re-save the weights as '
+                            "torch.save({'params': net.state_dict()}, path) in a trusted environment.") from None
+        raise UserError(f'cannot read {path}: corrupt or not a PyTorch checkpoint (weights_only load failed: '
+                        f'{first_line(err)})') from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ValueError, ... for damaged files
+        raise UserError(f'cannot read {path}: corrupt or not a PyTorch checkpoint ({type(err).__name__}: '
+                        f'{first_line(err) or "empty or truncated file"})') from None
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def select_state_dict(ckpt, path, param_key=None, param_key_option='--param-key'):
+    """The state dict of a checkpoint.
+
+    Args:
+        ckpt: What :func:`load_checkpoint` returned: BasicSR's ``{'params': ...,
+            'params_ema': ...}``, or a bare state dict.
+        path (str): The file, for messages.
+        param_key (str | None): Key to use; default ``params_ema`` if present, else ``params``.
+        param_key_option (str): How the user sets ``param_key``, for the messages.
+
+    Returns:
+        tuple[dict, str | None]: state dict (``module.`` prefixes removed) and the key used
+        (None for a bare state dict).
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected BasicSR\'s '
+                        "{'params': state_dict} or a state dict")
+    if param_key is not None:
+        if param_key not in ckpt:
+            raise UserError(f'{param_key_option} {param_key}: {path} has no such key; it has {sorted(map(str, ckpt))}')
+        key = param_key
+    elif 'params_ema' in ckpt:
+        key = 'params_ema'
+    elif 'params' in ckpt:
+        key = 'params'
+    elif _is_state_dict(ckpt):
+        key = None
+    else:
+        raise UserError(f'{path} has neither "params" nor "params_ema" (keys: {sorted(map(str, ckpt))[:10]}); '
+                        f'pass {param_key_option} <key holding the state dict>')
+    state = ckpt if key is None else ckpt[key]
+    if not _is_state_dict(state):
+        raise UserError(f'{path}: "{key}" is not a state dict of tensors; pick another {param_key_option} '
+                        f'(keys: {sorted(map(str, ckpt))})')
+    return {bare_key(k): v for k, v in state.items()}, key
+
+
+def read_option_file(opt_path):
+    """``network_g`` of an option file; UserError naming the file if it is missing or has none."""
+    if not osp.isfile(opt_path):
+        raise UserError(f'option file not found: {opt_path} (pass --opt <the training .yml>)')
+    try:
+        with open(opt_path, encoding='utf-8') as f:
+            opt = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f'cannot parse option file {opt_path}: {first_line(err)}') from None
+    if not isinstance(opt, dict) or not isinstance(opt.get('network_g'), dict):
+        raise UserError(f'option file {opt_path} has no network_g block; pass the option file the model was '
+                        'trained with')
+    return dict(opt['network_g'])
+
+
+def carried_options(ckpt):
+    """``network_g`` a checkpoint carries (``network_g`` or ``opt.network_g``; training's do not), or None."""
+    if not isinstance(ckpt, dict):
+        return None
+    carried = ckpt.get('network_g')
+    if carried is None and isinstance(ckpt.get('opt'), dict):
+        carried = ckpt['opt'].get('network_g', ckpt['opt'] if 'type' in ckpt['opt'] else None)
+    return dict(carried) if isinstance(carried, dict) else None
+
+
+def network_options(ckpt, opt_path, model_path, infer_missing=False, param_key=None):
+    """``network_g`` for the checkpoint: from ``opt_path`` if given, else carried by the checkpoint.
+
+    Args:
+        ckpt: The loaded checkpoint (or None).
+        opt_path (str | None): Option file whose ``network_g`` is used.
+        model_path (str | None): The checkpoint file, for messages.
+        infer_missing (bool): With neither, read the options from the weights' shapes
+            (:func:`d2c_arch.infer_options`); the options in ``NOT_INFERABLE`` then keep
+            D2CNet's defaults. Enough to count parameters, not to run the network faithfully.
+        param_key (str | None): The state dict the options are inferred from (see :func:`select_state_dict`).
+
+    Returns:
+        tuple[dict, str]: the network_g options (with ``type``) and where they came from.
+    """
+    if opt_path:
+        net_opt, source = read_option_file(opt_path), opt_path
+    else:
+        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
+        if net_opt is None and infer_missing and ckpt is not None:
+            state, key = select_state_dict(ckpt, model_path, param_key)
+            net_opt = {k: v for k, v in _inferred(state).items() if k != 'num_branch'}
+            source = f'{model_path}' + (f' [{key}]' if key else '') + ' (shape inferred from the keys)'
+        if net_opt is None:
+            raise UserError(f'{model_path} holds weights only: checkpoints written by training (d2c-train / BasicSR) '
+                            'do not store the network options, so --opt is required: pass the option file the model '
+                            'was trained with (BasicSR copies it into experiments/<name>/), e.g. '
+                            '--opt options/train_D2C_RealSR_x4.yml')
+    net_type = net_opt.get('type', 'D2CNet')
+    if net_type != 'D2CNet':
+        raise UserError(f'{source}: network_g type is {net_type!r}; only D2CNet models are supported here')
+    return net_opt, source
+
+
+def _inferred(state):
+    try:
+        return infer_options(state)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def build_network(net_opt, source):
+    """D2CNet from network_g options; bad options name the source."""
+    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
+    unknown = sorted(set(kwargs) - set(default_options()))
+    if unknown:
+        raise UserError(f'{source}: network_g has options D2CNet does not know: {unknown}')
+    try:
+        return D2CNet(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f'{source}: network_g is not valid: {err}') from None
+
+
+def _listed(keys, limit=MAX_LISTED_KEYS):
+    keys = list(keys)
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def mismatch_message(net, state, net_opt, opt_source, model_desc, hint):
+    """Why ``state`` does not fit ``net`` (built from ``net_opt``), or None when keys and shapes agree.
+
+    The one mismatch message of the project: the differing keys, then the options that differ
+    (read from the weights with :func:`d2c_arch.infer_options`), then ``hint`` (how to fix it).
+    """
+    expected = net.state_dict()
+    missing, unexpected, resized = state_dict_differences(expected, state)
+    if not (missing or unexpected or resized):
+        return None
+    lines = [f'{model_desc} does not fit network_g of {opt_source}:']
+    if missing:
+        lines.append(f'  missing in the checkpoint ({len(missing)}): {_listed(missing)}')
+    if unexpected:
+        lines.append(f'  not in the network ({len(unexpected)}): {_listed(unexpected)}')
+    if resized:
+        shown = [f'{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}' for k in resized]
+        lines.append(f'  different shapes ({len(resized)}): {_listed(shown, MAX_LISTED_KEYS // 2)}')
+    try:
+        inferred = infer_options(state)
+    except ValueError:
+        inferred = {}
+    defaults = default_options()
+    differ = []
+    for key, value in inferred.items():
+        configured = net.num_branch if key == 'num_branch' else net_opt.get(key, defaults.get(key))
+        if configured != value:
+            differ.append(f'{key}: options {configured!r}, checkpoint {value!r}')
+    if differ:
+        lines.append(f'  options that differ ({len(differ)}): ' + '; '.join(differ))
+    lines.append(f'  {hint}')
+    return '\n'.join(lines)
+
+
+def constants_mismatch(ckpt, net_opt):
+    """Warnings for a converted checkpoint whose non-weight constants differ from ``net_opt``.
+
+    Converted checkpoints carry the ``network_g`` they were converted for; ``rgb_mean`` and
+    ``img_range`` are not weights, so a strict load cannot notice a difference.
+
+    Returns:
+        list[str]: one line per differing constant (empty when they agree or nothing is carried).
+    """
+    source = ckpt.get('converted_from') if isinstance(ckpt, dict) else None
+    if not isinstance(source, dict) or not isinstance(source.get('network_g'), dict):
+        return []
+    defaults, lines = default_options(), []
+    for key in ('rgb_mean', 'img_range'):
+        want = source['network_g'].get(key, defaults[key])
+        have = net_opt.get(key, defaults[key])
+        if not torch.allclose(torch.tensor(want, dtype=torch.float64), torch.tensor(have, dtype=torch.float64)):
+            shown = list(want) if key == 'rgb_mean' else want
+            lines.append(f'it was converted for network_g.{key}={shown} but the options have {have}; outputs will '
+                         'be slightly off. Use the network_g block printed by the converter.')
+    return lines
+
+
+def load_weights(net,
+                 ckpt,
+                 model_path,
+                 net_opt,
+                 opt_source,
+                 param_key=None,
+                 strict=True,
+                 param_key_option='--param-key',
+                 hint=None,
+                 report_loose=None):
+    """Load a checkpoint into ``net``, checking that it fits.
+
+    Args:
+        net (D2CNet): The network built from ``net_opt``.
+        ckpt (dict): What :func:`load_checkpoint` read from ``model_path``.
+        model_path (str): The checkpoint file (for messages).
+        net_opt (dict): network_g options ``net`` was built from (for the message).
+        opt_source (str): Where they came from (for the message).
+        param_key (str | None): State dict to use (see :func:`select_state_dict`).
+        strict (bool): False loads what fits (BasicSR's ``strict_load_g: false``).
+        param_key_option (str): How the user passes ``param_key`` (for messages).
+        hint (str | None): How to fix a mismatch; default: pass the right option file.
+        report_loose (callable | None): With ``strict=False``, called with the state dict before
+            loading; it may drop entries that cannot load (BasicSR's ``_print_different_keys_loading``).
+
+    Returns:
+        dict: ``param_key`` (the key used) and ``warnings`` (see :func:`constants_mismatch`).
+    """
+    state, key = select_state_dict(ckpt, model_path, param_key, param_key_option)
+    model_desc = f'checkpoint {model_path}' + (f' [{key}]' if key else '')
+    if strict:
+        problem = mismatch_message(net, state, net_opt, opt_source, model_desc, hint or
+                                   'pass the option file this checkpoint was trained with (--opt), or fix '
+                                   'network_g to match')
+        if problem:
+            raise UserError(problem)
+    elif report_loose is not None:
+        report_loose(state)
+    net.load_state_dict(state, strict=strict)
+    return {'param_key': key, 'warnings': constants_mismatch(ckpt, net_opt)}
+
+
+def load_model(model_path, opt_path=None, param_key=None, device='cpu', infer_missing=False):
+    """Build D2CNet and load its weights, checking everything on the way.
+
+    Args:
+        model_path (str): Checkpoint (BasicSR's ``params`` / ``params_ema``, a converted
+            checkpoint, or a bare state dict).
+        opt_path (str | None): Option file with ``network_g``; required unless the checkpoint
+            carries its options (or ``infer_missing``).
+        param_key (str | None): State dict to use; default ``params_ema`` if present, else ``params``.
+        device (str | torch.device): Where the network goes.
+        infer_missing (bool): See :func:`network_options`.
+
+    Returns:
+        tuple[D2CNet, dict]: the network in eval mode on ``device``, and a description dict
+        (``param_key``, ``opt_source``, ``net_opt``, ``warnings``).
+    """
+    ckpt = load_checkpoint(model_path)
+    net_opt, opt_source = network_options(ckpt, opt_path, model_path, infer_missing, param_key)
+    net = build_network(net_opt, opt_source)
+    info = load_weights(net, ckpt, model_path, net_opt, opt_source, param_key)
+    net.eval().to(device)
+    return net, {'param_key': info['param_key'], 'opt_source': opt_source, 'net_opt': net_opt,
+                 'warnings': info['warnings']}
+
+
+def atomic_write(path, write):
+    """Write through a temporary file in the same folder, so a failed run leaves no partial file.
+
+    Args:
+        path (str): The file to write.
+        write (callable): ``write(binary_file_object)``.
+    """
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=osp.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, save_path):
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
+    atomic_write(save_path, lambda f: torch.save(obj, f))

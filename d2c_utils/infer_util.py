@@ -1,0 +1,216 @@
+"""Super-resolving image files with a D2CNet: what ``d2c-infer`` does, as library functions.
+
+One image file in, its outputs written: the SR image in the input's kind (gray, RGB, RGBA; 8
+or 16 bit), optionally every branch, the weight maps and a grid picture, and Y-PSNR/SSIM against
+a reference image.
+"""
+import csv
+import sys
+from dataclasses import dataclass
+from os import path as osp
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
+
+d2c_compat.apply()
+
+from basicsr.utils import tensor2img  # noqa: E402
+from .errors import ImageError, UserError  # noqa: E402
+from .eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
+from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image  # noqa: E402
+from .precision_util import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from .tile_util import super_resolve  # noqa: E402
+from .visual_util import labelled_grid, weight_heatmap  # noqa: E402
+
+
+@dataclass
+class OutputOptions:
+    """What :func:`process_image` writes and how (``d2c-infer``'s flags of the same names).
+
+    Attributes:
+        output (str): Output folder (must exist).
+        suffix (str): Outputs are ``<name>_<suffix>.<ext>``; empty: ``<name>.<ext>``.
+        ext (str): 'auto' (the input's format where it can hold the image), 'png' or 'jpg'.
+        outscale (float | None): Final scale (LANCZOS4 resize of the output); None: the network's.
+        tile, tile_pad, pre_pad (int): Tiling (see :func:`d2c_utils.tile_util.super_resolve`).
+        save_branches (bool): Also write every branch's prediction.
+        save_weights (bool): Also write the weight heatmaps and the grid picture.
+        grid_size (int): Longest side of a grid cell; 0 = full size.
+        reference (str | None): Folder of ground-truth images with the same file names.
+    """
+    output: str
+    suffix: str = 'out'
+    ext: str = 'auto'
+    outscale: float = None
+    tile: int = 0
+    tile_pad: int = 32
+    pre_pad: int = 0
+    save_branches: bool = False
+    save_weights: bool = False
+    grid_size: int = 512
+    reference: str = None
+
+    @classmethod
+    def from_namespace(cls, args):
+        """The options from parsed command-line arguments with the same names."""
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+
+def select_device(name):
+    """'auto' | 'cpu' | 'cuda' -> torch.device; UserError if CUDA is asked for but missing."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: CUDA is not available here (torch.cuda.is_available() is False); '
+                        'use --device cpu or auto')
+    return torch.device(name)
+
+
+def select_precision(precision, device, warn):
+    """The autocast dtype (None = fp32) for ``--precision`` on ``device``.
+
+    Args:
+        precision (str): 'auto', 'fp32', 'bf16' or 'fp16'.
+        device (torch.device): Where the network runs.
+        warn (callable): ``warn(message)`` for a precision that will be slow here.
+    """
+    if precision == 'bf16' and device.type == 'cpu' and not cpu_has_native_bf16():
+        warn('this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and likely slower than '
+             '--precision fp32')
+    try:
+        return resolve_precision(precision, device.type, purpose='infer')
+    except ValueError as err:
+        raise UserError(f'--precision {precision}: {err}') from None
+
+
+def reference_metrics(ref_path, lq, sr, branches, scale):
+    """Y-PSNR/SSIM (BasicSR, crop_border = scale) of bicubic, each branch, fused and oracle.
+
+    Args:
+        ref_path (str): Ground-truth image, size (sH, sW).
+        lq (Tensor): (1, 3, H, W) input; sr (1, 3, sH, sW); branches (1, P, 3, sH, sW).
+
+    Returns:
+        dict[str, tuple[float, float]]: method -> (psnr, ssim), in the order bicubic,
+        branch1..P, fused, oracle. Images are compared as 8-bit BGR, as BasicSR does.
+    """
+    hr, _ = split_input(read_image(ref_path))
+    if hr.shape[2:] != sr.shape[2:]:
+        raise ImageError(f'reference {ref_path} is {hr.shape[3]}x{hr.shape[2]}, the output '
+                         f'{sr.shape[3]}x{sr.shape[2]} (WxH); no metrics for this image')
+    hr8 = tensor2img(hr)
+    images = [('bicubic', bicubic_upscale(lq, scale))]
+    images += [(f'branch{i + 1}', tensor2img(branches[:, i])) for i in range(branches.size(1))]
+    images += [('fused', tensor2img(sr)), ('oracle', tensor2img(oracle_fusion(branches, hr)))]
+    return {name: psnr_ssim_y(img, hr8, crop_border=scale) for name, img in images}
+
+
+def write_grid(path, lq, branches, weights, sr, scale, max_side):
+    """Input (bicubic) | branches | fused, and the weight heatmaps under the branches."""
+    cells = [bicubic_upscale(lq, scale)] + [tensor2img(branches[:, i]) for i in range(branches.size(1))]
+    cells.append(tensor2img(sr))
+    heat = [weight_heatmap(w) for w in weights[0].numpy()]
+    height, width = cells[0].shape[:2]
+    if max_side and max(height, width) > max_side:  # keep the picture a viewable size
+        factor = max_side / max(height, width)
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        cells = [cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in cells]
+        heat = [cv2.resize(h, size, interpolation=cv2.INTER_AREA) for h in heat]
+    num = branches.size(1)
+    rows = [cells, [None] + heat + [None]]
+    labels = [['input (bicubic)'] + [f'branch {i + 1}' for i in range(num)] + ['fused'],
+              [''] + [f'weight {i + 1}' for i in range(num)] + ['']]
+    write_image(path, labelled_grid(rows, labels))
+
+
+def process_image(path, net, options, device, forward, prog='d2c-infer'):
+    """Super-resolve one file and write its outputs.
+
+    Args:
+        path (str): The input image.
+        net (D2CNet): In eval mode, on ``device``.
+        options (OutputOptions): What to write.
+        device (torch.device): Where tiles are computed.
+        forward (callable): ``forward(net, lq, return_branches)`` (a ``GuardedForward``).
+        prog (str): Prefix of the warnings printed on stderr.
+
+    Returns:
+        dict | None: the metrics (see :func:`reference_metrics`) if a reference was found.
+
+    Raises:
+        ImageError: the input cannot be used (the caller skips it).
+    """
+    img = read_image(path)
+    kind, max_value = image_kind(img)
+    lq, alpha = split_input(img)
+    scale = net.upscale
+    ref_path = None
+    if options.reference:
+        ref_path = osp.join(options.reference, osp.basename(path))
+        if not osp.isfile(ref_path):
+            tqdm.write(f'{prog}: warning: no reference {ref_path} for {path}; no metrics for it', file=sys.stderr)
+            ref_path = None
+    need_branches = options.save_branches or options.save_weights or ref_path is not None
+    sr, branches, weights = super_resolve(
+        net,
+        lq,
+        scale,
+        tile=options.tile,
+        tile_pad=options.tile_pad,
+        pre_pad=options.pre_pad,
+        device=device,
+        return_branches=need_branches,
+        forward=forward)
+
+    height, width = lq.shape[2:]
+    size = None
+    if options.outscale is not None and options.outscale != scale:
+        size = (max(1, int(round(width * options.outscale))), max(1, int(round(height * options.outscale))))
+    ext, note = output_ext(options.ext, path, kind, max_value)
+    if note:
+        tqdm.write(f'{prog}: note: {osp.basename(path)}: {note}', file=sys.stderr)
+    stem = osp.splitext(osp.basename(path))[0]
+    name = f'{stem}_{options.suffix}' if options.suffix else stem
+    write_image(osp.join(options.output, f'{name}.{ext}'), compose_output(to_bgr(sr), kind, max_value, alpha, size))
+    if options.save_branches:
+        for i in range(branches.size(1)):
+            out = compose_output(to_bgr(branches[:, i]), kind, max_value, alpha, size)
+            write_image(osp.join(options.output, f'{stem}_branch{i + 1}.{ext}'), out)
+    if options.save_weights:
+        for i, weight in enumerate(weights[0].numpy()):
+            write_image(osp.join(options.output, f'{stem}_weight{i + 1}.png'), weight_heatmap(weight))
+        write_grid(
+            osp.join(options.output, f'{stem}_grid.png'), lq, branches, weights, sr, scale, options.grid_size)
+    if ref_path is None:
+        return None
+    try:
+        return reference_metrics(ref_path, lq, sr, branches, scale)
+    except ImageError as err:
+        tqdm.write(f'{prog}: warning: {err}', file=sys.stderr)
+        return None
+
+
+def write_metrics(out_dir, rows):
+    """Print a table of Y-PSNR/SSIM per image and the mean; write ``metrics.csv``.
+
+    Args:
+        rows (list[tuple[str, dict]]): (image file name, method -> (psnr, ssim)).
+    """
+    methods = list(rows[0][1])
+    means = {m: tuple(float(np.mean([r[m][j] for _, r in rows])) for j in range(2)) for m in methods}
+    csv_path = osp.join(out_dir, 'metrics.csv')
+    with open(csv_path, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.writer(f)
+        writer.writerow(['image'] + [f'{m}_{k}' for m in methods for k in ('psnr_y', 'ssim_y')])
+        for name, row in rows + [('mean', means)]:
+            writer.writerow([name] + [f'{row[m][j]:.4f}' for m in methods for j in range(2)])
+    width = max(12, max(len(name) for name, _ in rows) + 1)
+    print(f'\nY-channel PSNR (dB) / SSIM, BasicSR, border of `scale` pixels shaved ({len(rows)} image(s)):')
+    print(f'{"image":{width}s}' + ''.join(f'{m:>16s}' for m in methods))
+    for name, row in rows + [('mean', means)]:
+        print(f'{name:{width}s}' + ''.join(f'{row[m][0]:.2f}/{row[m][1]:.4f}'.rjust(16) for m in methods))
+    print(f'Metrics written to {csv_path}')
