@@ -38,9 +38,9 @@ def _load_plugin():
         try:
             __import__(name)
         except Exception as err:  # never break basicsr because of the plugin
-            warnings.warn(f'd2c-sr: could not register {name} with BasicSR ({type(err).__name__}: {err}); '
-                          f'BasicSR works as usual without D2C-SR. Set {OPT_OUT_ENV}=1 to silence this.',
-                          RuntimeWarning)
+            warnings.warn(
+                f'd2c-sr: could not register {name} with BasicSR ({type(err).__name__}: {err}); '
+                f'BasicSR works as usual without D2C-SR. Set {OPT_OUT_ENV}=1 to silence this.', RuntimeWarning)
 
 
 class _LoaderWithPlugin(importlib.abc.Loader):

@@ -73,8 +73,10 @@ def plain_forward(net, x):
 
 def measure_speed(net, sizes, repeats, device):
     """Time the baseline and every configuration on every size; returns rows of dicts."""
-    nets = {False: copy.deepcopy(net).eval().to(device), True: prepare_network(copy.deepcopy(net).eval().to(device),
-                                                                                 True)}
+    nets = {
+        False: copy.deepcopy(net).eval().to(device),
+        True: prepare_network(copy.deepcopy(net).eval().to(device), True)
+    }
     configs = configurations(device.type)
     rows = []
     for width, height in sizes:
@@ -106,10 +108,18 @@ def measure_speed(net, sizes, repeats, device):
             agreement = tensor_psnr(outputs[index], outputs[0]) if index else float('inf')
             note = f'  [fell back: {guard.fallback_reason}]' if guard is not None and guard.fallback_reason else ''
             agreement_text = 'reference' if index == 0 else f'{agreement:7.1f} dB'
-            print(f'  {label:44s} {sec:8.3f} {out_mp / sec:9.3f} {base / sec:8.2f}x {agreement_text:>10s}{note}',
-                  flush=True)
-            rows.append(dict(size=(width, height), label=label, seconds=sec, mp_per_s=out_mp / sec,
-                             speedup=base / sec, agreement_db=agreement, default=is_default))
+            print(
+                f'  {label:44s} {sec:8.3f} {out_mp / sec:9.3f} {base / sec:8.2f}x {agreement_text:>10s}{note}',
+                flush=True)
+            rows.append(
+                dict(
+                    size=(width, height),
+                    label=label,
+                    seconds=sec,
+                    mp_per_s=out_mp / sec,
+                    speedup=base / sec,
+                    agreement_db=agreement,
+                    default=is_default))
     return rows
 
 
@@ -160,11 +170,13 @@ def explain_limits(net, size, baseline_seconds, default_seconds):
     print(f'  default {precision_name(dtype)} channels_last {prof["total"]:.2f} s: convolutions {prof["conv"]:.2f} s '
           f'({100 * prof["conv"] / prof["total"]:.0f} %, {flops / prof["conv"] / 1e9:.0f} GFLOP/s), pixel_shuffle '
           f'{prof["shuffle"]:.2f} s, other {prof["other"]:.2f} s')
-    peaks = {name: conv_throughput(dtype_, cl) for name, dtype_, cl in (('fp32 NCHW', None, False),
-                                                                        ('fp32 channels_last', None, True),
-                                                                        ('bf16 channels_last', torch.bfloat16, True))}
-    print('  one 64->64 3x3 convolution on 64x256x256 features alone: ' +
-          ', '.join(f'{name} {value:.0f} GFLOP/s' for name, value in peaks.items()))
+    peaks = {
+        name: conv_throughput(dtype_, cl)
+        for name, dtype_, cl in (('fp32 NCHW', None, False), ('fp32 channels_last', None, True), ('bf16 channels_last',
+                                                                                                  torch.bfloat16, True))
+    }
+    print('  one 64->64 3x3 convolution on 64x256x256 features alone: ' + ', '.join(f'{name} {value:.0f} GFLOP/s'
+                                                                                    for name, value in peaks.items()))
     print(f'  plain fp32 NCHW forward (timed above): {baseline_seconds:.2f} s = {flops / baseline_seconds / 1e9:.0f} '
           'GFLOP/s of convolutions, all its other work included')
     best = flops / (max(peaks.values()) * 1e9)
@@ -222,33 +234,43 @@ def measure_guard(spec, device):
                 f'8-bit outputs differ in {100 * float((diff8 > 0).float().mean()):.2f} % of values '
                 f'(max {int(diff8.max())}); fp32 {ref_sec:.2f} s, default ran {used} {fast_sec:.2f} s')
         if gt is not None:
-            y_ref, y_fast = (calculate_psnr(tensor2img(t), gt, crop_border=net.upscale, test_y_channel=True)
-                             for t in (ref, fast))
+            y_ref, y_fast = (
+                calculate_psnr(tensor2img(t), gt, crop_border=net.upscale, test_y_channel=True) for t in (ref, fast))
             text += f'; Y-PSNR vs photo fp32 {y_ref:.4f} / default {y_fast:.4f} dB'
         print(text, flush=True)
     return worst
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--sizes', type=lambda t: [parse_size(s) for s in t.split(',')],
-                        default=[(128, 128), (256, 256)], metavar='WxH[,WxH]', help='speed: input sizes')
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        '--sizes',
+        type=lambda t: [parse_size(s) for s in t.split(',')],
+        default=[(128, 128), (256, 256)],
+        metavar='WxH[,WxH]',
+        help='speed: input sizes')
     parser.add_argument('--repeats', type=int, default=3, help='speed: timed runs per configuration (median)')
-    parser.add_argument('--model', default=None, metavar='CKPT:YML',
-                        help='speed: a trained model instead of the paper setting with random weights')
+    parser.add_argument(
+        '--model',
+        default=None,
+        metavar='CKPT:YML',
+        help='speed: a trained model instead of the paper setting with random weights')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument('--guard-model', default=DEMO_MODEL, metavar='CKPT:YML',
-                        help='quality guard: trained model')
-    parser.add_argument('--memory-size', type=parse_size, default=(960, 540), metavar='WxH',
-                        help='memory: input size of the tiled d2c-infer run')
+    parser.add_argument('--guard-model', default=DEMO_MODEL, metavar='CKPT:YML', help='quality guard: trained model')
+    parser.add_argument(
+        '--memory-size',
+        type=parse_size,
+        default=(960, 540),
+        metavar='WxH',
+        help='memory: input size of the tiled d2c-infer run')
     parser.add_argument('--tile', type=int, default=128, help='memory: tile side (LR px)')
     parser.add_argument('--tile-pad', type=int, default=32, help='memory: context around each tile (LR px)')
     parser.add_argument('--memory-limit-gib', type=float, default=3.0, help='memory: fail above this peak RSS')
     parser.add_argument('--skip-guard', action='store_true')
-    parser.add_argument('--skip-profile', action='store_true',
-                        help='skip the profile of where the time goes (CPU only)')
+    parser.add_argument(
+        '--skip-profile', action='store_true', help='skip the profile of where the time goes (CPU only)')
     parser.add_argument('--skip-memory', action='store_true')
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -283,8 +305,9 @@ def main(argv=None):
         measure_guard(args.guard_model, device)
     status = 0
     if not args.skip_memory:
-        print('\nPeak resident memory of d2c-infer (default precision and layout) in a fresh process (VmHWM):',
-              flush=True)
+        print(
+            '\nPeak resident memory of d2c-infer (default precision and layout) in a fresh process (VmHWM):',
+            flush=True)
         args.memory_untiled, args.precision, args.channels_last = False, 'auto', True  # d2c-infer's defaults
         with tempfile.TemporaryDirectory(prefix='bench_infer_') as workdir:
             memory = measure_memory(args, workdir)

@@ -103,8 +103,10 @@ def measure_speed(args):
             times.append(time.perf_counter() - start)
         sec = statistics.median(times)
         rows.append((label, sec, 1 / sec, out_mp / sec, min(times), max(times)))
-        print(f'  {label:22s} {sec:8.2f} s/img  {1 / sec:7.3f} img/s  {out_mp / sec:7.3f} out MP/s  '
-              f'(runs {", ".join(f"{t:.2f}" for t in times)} s)', flush=True)
+        print(
+            f'  {label:22s} {sec:8.2f} s/img  {1 / sec:7.3f} img/s  {out_mp / sec:7.3f} out MP/s  '
+            f'(runs {", ".join(f"{t:.2f}" for t in times)} s)',
+            flush=True)
     return rows
 
 
@@ -140,16 +142,20 @@ def measure_memory(args, workdir):
     width, height = args.memory_size
     results = []
     cases = (('baseline (16x16 input)', (16, 16), 0),
-             (f'{width}x{height} -> {width * 4}x{height * 4}, tile {args.tile} / pad {args.tile_pad}',
-              (width, height), args.tile))
+             (f'{width}x{height} -> {width * 4}x{height * 4}, tile {args.tile} / pad {args.tile_pad}', (width, height),
+              args.tile))
     if args.memory_untiled:
         cases += ((f'{width}x{height} -> {width * 4}x{height * 4}, untiled', (width, height), 0), )
     for label, (w, h), tile in cases:
         img = (smooth_input(w, h, seed=1)[0].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
         src = osp.join(workdir, f'in_{w}x{h}.png')
         cv2.imwrite(src, img)
-        infer_args = ['-i', src, '-o', osp.join(workdir, 'out'), '--model', pth, '--opt', yml, '--device', 'cpu',
-                      '-q', '--tile', str(tile), '--tile-pad', str(args.tile_pad), '--precision', args.precision]
+        infer_args = [
+            '-i', src, '-o',
+            osp.join(workdir, 'out'), '--model', pth, '--opt', yml, '--device', 'cpu', '-q', '--tile',
+            str(tile), '--tile-pad',
+            str(args.tile_pad), '--precision', args.precision
+        ]
         if not args.channels_last:
             infer_args.append('--no-channels-last')
         rss, sec, code, output = peak_rss_of(infer_args)
@@ -168,12 +174,15 @@ def accuracy_photos(root, count):
     photos = []
     for path in names:
         name = osp.splitext(osp.basename(path))[0]
-        for label, img in ((f'{name} LR', cv2.imread(path)),
-                           (f'{name} HR->256', cv2.resize(cv2.imread(osp.join(root, 'HR', osp.basename(path))),
-                                                          (256, 256), interpolation=cv2.INTER_AREA))):
+        for label, img in ((f'{name} LR', cv2.imread(path)), (f'{name} HR->256',
+                                                              cv2.resize(
+                                                                  cv2.imread(osp.join(root, 'HR', osp.basename(path))),
+                                                                  (256, 256),
+                                                                  interpolation=cv2.INTER_AREA))):
             rgb = img[..., ::-1].astype(np.float32) / 255
-            photos.append((f'{label} {img.shape[1]}x{img.shape[0]}',
-                           torch.from_numpy(rgb.transpose(2, 0, 1).copy()).unsqueeze(0)))
+            photos.append(
+                (f'{label} {img.shape[1]}x{img.shape[0]}', torch.from_numpy(rgb.transpose(2, 0,
+                                                                                          1).copy()).unsqueeze(0)))
     return photos
 
 
@@ -195,8 +204,9 @@ def measure_accuracy(args):
                 diff8 = int(((ref * 255).round() - (out * 255).round()).abs().max())
                 value = tensor_psnr(ref, out)
                 rows.append((label, photo, tile, pad, diff8, value))
-                print(f'  {label[:16]:16s} {photo[:30]:30s} {f"{tile}/{pad}":>9s} {diff8:19d} {value:13.2f} dB',
-                      flush=True)
+                print(
+                    f'  {label[:16]:16s} {photo[:30]:30s} {f"{tile}/{pad}":>9s} {diff8:19d} {value:13.2f} dB',
+                    flush=True)
     print('\n  worst case per model and tile/pad:')
     for label in dict.fromkeys(r[0] for r in rows):
         for tile, pad in args.configs:
@@ -207,31 +217,46 @@ def measure_accuracy(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--size', type=parse_size, default=(256, 256), metavar='WxH', help='speed: input size')
     parser.add_argument('--tile', type=int, default=128, help='tile side (LR px) for the tiled runs')
     parser.add_argument('--tile-pad', type=int, default=32, help='context around each tile (LR px)')
     parser.add_argument('--repeats', type=int, default=2, help='speed: timed runs per configuration (median)')
-    parser.add_argument('--memory-size', type=parse_size, default=(960, 540), metavar='WxH',
-                        help='memory: input size of the tiled d2c-infer run')
-    parser.add_argument('--memory-untiled', action='store_true',
-                        help='memory: also run --memory-size untiled (needs several GB at 960x540)')
-    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'auto'],
-                        help="speed and memory: d2c-infer's --precision (benchmarks/bench_infer.py compares them)")
-    parser.add_argument('--channels-last', action='store_true', help="speed and memory: d2c-infer's default layout "
-                        '(without it: --no-channels-last, NCHW)')
+    parser.add_argument(
+        '--memory-size',
+        type=parse_size,
+        default=(960, 540),
+        metavar='WxH',
+        help='memory: input size of the tiled d2c-infer run')
+    parser.add_argument(
+        '--memory-untiled',
+        action='store_true',
+        help='memory: also run --memory-size untiled (needs several GB at 960x540)')
+    parser.add_argument(
+        '--precision',
+        default='fp32',
+        choices=['fp32', 'bf16', 'auto'],
+        help="speed and memory: d2c-infer's --precision (benchmarks/bench_infer.py compares them)")
+    parser.add_argument(
+        '--channels-last',
+        action='store_true',
+        help="speed and memory: d2c-infer's default layout "
+        '(without it: --no-channels-last, NCHW)')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     parser.add_argument('--skip-speed', action='store_true')
     parser.add_argument('--skip-memory', action='store_true')
     parser.add_argument('--accuracy', action='store_true', help='also measure tiled against untiled outputs')
-    parser.add_argument('--models', nargs='+', default=['random'],
-                        help='accuracy: "random" and/or ckpt.pth:options.yml')
+    parser.add_argument(
+        '--models', nargs='+', default=['random'], help='accuracy: "random" and/or ckpt.pth:options.yml')
     parser.add_argument(
         '--photos', default=None, help=f'accuracy: folder with HR/ and LR/ PNG pairs (default: ${bench_util.DATA_ENV})')
     parser.add_argument('--num-photos', type=int, default=2, help='accuracy: photos taken from --photos')
-    parser.add_argument('--configs', type=parse_configs, default=parse_configs('64/16,64/32,128/16,128/32,128/64'),
-                        help='accuracy: tile/pad pairs, comma-separated')
+    parser.add_argument(
+        '--configs',
+        type=parse_configs,
+        default=parse_configs('64/16,64/32,128/16,128/32,128/64'),
+        help='accuracy: tile/pad pairs, comma-separated')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

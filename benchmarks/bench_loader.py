@@ -46,10 +46,12 @@ from basicsr.data.paired_image_dataset import PairedImageDataset  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(
-        '--data', default=None, help=f'folder with HR/ and LR/ holding same-named PNG pairs (default: ${bench_util.DATA_ENV})')
+        '--data',
+        default=None,
+        help=f'folder with HR/ and LR/ holding same-named PNG pairs (default: ${bench_util.DATA_ENV})')
     parser.add_argument('--scale', type=int, default=4)
     parser.add_argument('--gt-size', type=int, default=384, help='HR patch size (LR 96 x 4 as in the paper)')
     parser.add_argument('--batch-size', type=int, default=4)
@@ -73,8 +75,15 @@ def infinite_batches(loader):
 
 def time_loader(gt, lq, backend, args):
     """Time one run: return (loader samples/s, ms per __getitem__ in process, data set length)."""
-    opt = dict(dataroot_gt=gt, dataroot_lq=lq, io_backend={'type': backend}, gt_size=args.gt_size,
-               use_hflip=True, use_rot=True, scale=args.scale, phase='train')
+    opt = dict(
+        dataroot_gt=gt,
+        dataroot_lq=lq,
+        io_backend={'type': backend},
+        gt_size=args.gt_size,
+        use_hflip=True,
+        use_rot=True,
+        scale=args.scale,
+        phase='train')
     dataset = PairedImageDataset(opt)
     # single-process cost of one __getitem__ (read + decode + crop + augment + to tensor), no loader
     rng = random.Random(args.seed)
@@ -83,8 +92,13 @@ def time_loader(gt, lq, backend, args):
     for _ in range(args.items):
         dataset[rng.randrange(len(dataset))]
     item_ms = (time.perf_counter() - start) / args.items * 1000
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                        drop_last=True, persistent_workers=args.num_workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        drop_last=True,
+        persistent_workers=args.num_workers > 0)
     batches = infinite_batches(loader)
     for _ in range(args.warmup):  # also hides the worker start-up
         next(batches)
@@ -105,9 +119,12 @@ def main(argv=None):
     try:
         if not osp.isdir(osp.join(out, 'train')):
             code = prepare_data.main([
-                '--preset', 'generic', '--split', 'train', '--hr-dir', osp.join(args.data, 'HR'), '--lr-dir',
-                osp.join(args.data, 'LR'), '--scale', str(args.scale), '--output', out, '--crop-size',
-                str(args.crop_size), '--step', str(args.step), '--lmdb'
+                '--preset', 'generic', '--split', 'train', '--hr-dir',
+                osp.join(args.data, 'HR'), '--lr-dir',
+                osp.join(args.data, 'LR'), '--scale',
+                str(args.scale), '--output', out, '--crop-size',
+                str(args.crop_size), '--step',
+                str(args.step), '--lmdb'
             ])
             if code:
                 sys.exit(f'error: prepare_data.py failed with exit code {code}')
@@ -134,9 +151,11 @@ def main(argv=None):
                 item_ms[name].append(ms)
         results = {name: statistics.median(r) for name, r in rates.items()}
         for name, *_ in configs:
-            print(f'{name:15s} {lengths[name]:5d} items  {results[name]:7.1f} samples/s  (runs: '
-                  f'{", ".join(f"{r:.1f}" for r in rates[name])});  {statistics.median(item_ms[name]):5.2f} ms '
-                  'per __getitem__ in process', flush=True)
+            print(
+                f'{name:15s} {lengths[name]:5d} items  {results[name]:7.1f} samples/s  (runs: '
+                f'{", ".join(f"{r:.1f}" for r in rates[name])});  {statistics.median(item_ms[name]):5.2f} ms '
+                'per __getitem__ in process',
+                flush=True)
         print(f'ratio sub-image LMDB / full PNG: {results["sub-image LMDB"] / results["full PNG"]:.2f}x')
     finally:
         if not args.workdir:

@@ -25,8 +25,11 @@ VARIANTS = (('fp32', False), ('fp32', True), ('bf16', False), ('bf16', True))
 
 def build(opt, precision, channels_last, phase):
     opt = deepcopy(opt)
-    opt['train'].update(precision=precision, channels_last=channels_last, total_iter=10**6,
-                        phases=[{'name': phase, 'iters': 10**6}])
+    opt['train'].update(
+        precision=precision, channels_last=channels_last, total_iter=10**6, phases=[{
+            'name': phase,
+            'iters': 10**6
+        }])
     opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0)
     opt['path'] = {'pretrain_network_g': None}
     return build_model(opt)
@@ -55,8 +58,10 @@ def main(argv=None):
     train_set = opt['datasets']['train']
     scale, gt_size, batch_size = opt['scale'], train_set['gt_size'], train_set['batch_size_per_gpu']
     gen = torch.Generator().manual_seed(0)
-    batch = {'lq': torch.rand(batch_size, 3, gt_size // scale, gt_size // scale, generator=gen),
-             'gt': torch.rand(batch_size, 3, gt_size, gt_size, generator=gen)}
+    batch = {
+        'lq': torch.rand(batch_size, 3, gt_size // scale, gt_size // scale, generator=gen),
+        'gt': torch.rand(batch_size, 3, gt_size, gt_size, generator=gen)
+    }
     print(f'{args.opt}: batch {batch_size}, gt_size {gt_size}, x{scale}, {torch.get_num_threads()} threads, '
           f'torch {torch.__version__}')
     for phase in ('divergence', 'convergence'):

@@ -3,11 +3,9 @@ import itertools
 import torch
 from torch import nn as nn
 
+from basicsr.utils.color_util import rgb2ycbcr_pt
 from basicsr.utils.registry import LOSS_REGISTRY
 
-# ITU-R BT.601 luma weights, as in basicsr.utils.color_util.rgb2ycbcr_pt; the offset of 16
-# and the scale do not matter because G() standardises.
-_LUMA_WEIGHTS = (65.481, 128.553, 24.966)
 VARIANTS = ('paper', 'release')
 
 
@@ -115,8 +113,8 @@ class DivergenceLoss(nn.Module):
     def standardise(self, img):
         """G(): standardised luma. (N, P, 3, H, W) or (N, 3, H, W) -> (N, P, H, W) or (N, H, W)."""
         if self.variant == 'paper':
-            weights = img.new_tensor(_LUMA_WEIGHTS).view(3, 1, 1) / 255.
-            luma = (img * weights).sum(dim=-3)
+            # ITU-R BT.601 Y; its offset of 16/255 cancels in the standardisation
+            luma = rgb2ycbcr_pt(img.reshape(-1, *img.shape[-3:]), y_only=True).reshape(*img.shape[:-3], *img.shape[-2:])
             dims = (-2, -1)  # per image
         else:
             luma = img.mean(dim=-3)

@@ -18,7 +18,7 @@ The authors' ``test.py`` scores every image with ``cal_psnr(sr, hr, scale)`` and
 
 BasicSR's validation hands metrics uint8 images (``tensor2img``: clamp to [0, 1], x255, round), so
 these functions work on those; the only remaining difference to the authors' float protocol is
-that rounding of the SR image (about 0.002-0.005 dB of PSNR at 30-34 dB, see the README) and, for
+that rounding of the SR image (about 0.002-0.005 dB of PSNR at 30-34 dB, see docs/official_weights.md) and, for
 SSIM, that the authors do not clip the SR image before SSIM.
 
 BasicSR's own ``calculate_psnr`` / ``calculate_ssim`` with ``test_y_channel: true`` use BT.601 luma
@@ -130,8 +130,8 @@ def ssim_map_d2c(img, img2):
     sigma1_sq = _filter_zero_pad(img * img, window) - mu1_sq
     sigma2_sq = _filter_zero_pad(img2 * img2, window) - mu2_sq
     sigma12 = _filter_zero_pad(img * img2, window) - mu1_mu2
-    return (((2 * mu1_mu2 + SSIM_C1) * (2 * sigma12 + SSIM_C2)) /
-            ((mu1_sq + mu2_sq + SSIM_C1) * (sigma1_sq + sigma2_sq + SSIM_C2)))
+    return (((2 * mu1_mu2 + SSIM_C1) * (2 * sigma12 + SSIM_C2)) / ((mu1_sq + mu2_sq + SSIM_C1) *
+                                                                   (sigma1_sq + sigma2_sq + SSIM_C2)))
 
 
 @METRIC_REGISTRY.register()

@@ -58,5 +58,10 @@ class AlphaSchedule:
         return alpha
 
     def state_dict(self):
-        return dict(base_alpha=self.base_alpha, start_iter=self.start_iter, period=self.period,
-                    active_iters=self.active_iters, decay_every=self.decay_every, decay_factor=self.decay_factor)
+        return dict(
+            base_alpha=self.base_alpha,
+            start_iter=self.start_iter,
+            period=self.period,
+            active_iters=self.active_iters,
+            decay_every=self.decay_every,
+            decay_factor=self.decay_factor)

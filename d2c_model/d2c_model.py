@@ -31,12 +31,12 @@ def check_options(opt):
     upscale = net_opt.get('upscale', 4)
     if scale is not None and upscale != scale:
         raise UserError(f'D2CModel: network_g.upscale={upscale} but scale={scale} (the data sets use scale); '
-                         'make them equal.')
+                        'make them equal.')
     for name, dataset in (opt.get('datasets') or {}).items():
         gt_size = dataset.get('gt_size')
         if gt_size is not None and scale and gt_size % scale:
             raise UserError(f'D2CModel: datasets.{name}.gt_size={gt_size} is not divisible by scale={scale}; '
-                             f'use a multiple such as {gt_size - gt_size % scale or scale}.')
+                            f'use a multiple such as {gt_size - gt_size % scale or scale}.')
 
 
 @MODEL_REGISTRY.register()
@@ -75,7 +75,7 @@ class D2CModel(PluginModelMixin, SRModel):
         bare = self.get_bare_model(self.net_g)
         if not (hasattr(bare, 'diverge') and hasattr(bare, 'converge')):
             raise UserError(f'D2CModel: network_g.type={opt["network_g"]["type"]!r} is not a D2C network '
-                             '(it needs diverge/converge); use type: D2CNet, or model_type: SRModel for other nets.')
+                            '(it needs diverge/converge); use type: D2CNet, or model_type: SRModel for other nets.')
 
     # ----------------------------------------------------------------------------- setup
     def init_training_settings(self):
@@ -87,12 +87,12 @@ class D2CModel(PluginModelMixin, SRModel):
             div_opt = deepcopy(train_opt.get('divergence_opt'))
             if not div_opt:
                 raise UserError('D2CModel: a divergence or joint phase needs train.divergence_opt, e.g. '
-                                 '{type: DivergenceLoss, alpha: 2.0e-5, theta: 0.8, margin: [5.0e-5, 2.0e-5]}.')
+                                '{type: DivergenceLoss, alpha: 2.0e-5, theta: 0.8, margin: [5.0e-5, 2.0e-5]}.')
             for key in ('tree_depth', 'tree_width'):
                 net_value = getattr(bare, key)
                 if div_opt.setdefault(key, net_value) != net_value:
                     raise UserError(f'D2CModel: train.divergence_opt.{key}={div_opt[key]} but network_g has '
-                                     f'{key}={net_value}; remove the key or make them equal.')
+                                    f'{key}={net_value}; remove the key or make them equal.')
             self.cri_div = build_loss(div_opt).to(self.device)
             self.alpha_schedule = AlphaSchedule.from_opt(self.cri_div.alpha, train_opt.get('alpha_schedule'))
         else:
@@ -100,7 +100,7 @@ class D2CModel(PluginModelMixin, SRModel):
             self.alpha_schedule = None
         if uses_convergence and not (train_opt.get('pixel_opt') or train_opt.get('perceptual_opt')):
             raise UserError('D2CModel: a convergence or joint phase needs train.pixel_opt (the convergence '
-                             'loss, e.g. {type: ConvergenceLoss, loss_weight: 1.0}).')
+                            'loss, e.g. {type: ConvergenceLoss, loss_weight: 1.0}).')
         if not uses_convergence:
             # SRModel insists on a pixel or perceptual loss; with no convergence phase none is used
             train_opt.setdefault('pixel_opt', {'type': 'ConvergenceLoss'})
@@ -131,7 +131,7 @@ class D2CModel(PluginModelMixin, SRModel):
             scheduler_cls = getattr(lr_scheduler, _SCHEDULER_ALIASES.get(scheduler_type, scheduler_type), None)
             if scheduler_cls is None:
                 raise UserError(f'D2CModel: scheduler type {scheduler_type!r} of phase {phase} is unknown; use '
-                                 'MultiStepLR, MultiStepRestartLR or CosineAnnealingRestartLR.')
+                                'MultiStepLR, MultiStepRestartLR or CosineAnnealingRestartLR.')
             for optimizer in phase.optimizers:
                 scheduler = scheduler_cls(optimizer, **scheduler_opt)
                 phase.schedulers.append(scheduler)

@@ -64,7 +64,7 @@ def parse_phases(opt):
     phases_opt = train_opt.get('phases')
     if not phases_opt:
         raise UserError('D2CModel: train.phases is missing. List the phases in order, e.g.\n'
-                         '  phases:\n    - {name: divergence, iters: 1000}\n    - {name: convergence, iters: 200}')
+                        '  phases:\n    - {name: divergence, iters: 1000}\n    - {name: convergence, iters: 200}')
     phases, start = [], 0
     for index, phase_opt in enumerate(phases_opt):
         name = phase_opt.get('name')
@@ -76,7 +76,7 @@ def parse_phases(opt):
         unknown = sorted(set(phase_opt) - {'name', 'iters', 'optim_g', 'scheduler'})
         if unknown:
             raise UserError(f'D2CModel: train.phases[{index}] has unknown keys {unknown}; '
-                             'allowed: name, iters, optim_g, scheduler.')
+                            'allowed: name, iters, optim_g, scheduler.')
         optim_opt = deepcopy(phase_opt.get('optim_g', train_opt.get('optim_g')))
         scheduler_opt = deepcopy(phase_opt.get('scheduler', train_opt.get('scheduler')))
         if optim_opt is None:
@@ -87,5 +87,5 @@ def parse_phases(opt):
     if start != total_iter:
         lengths = ' + '.join(str(p.iters) for p in phases)
         raise UserError(f'D2CModel: the phase lengths add up to {lengths} = {start}, but train.total_iter is '
-                         f'{total_iter}; make them equal.')
+                        f'{total_iter}; make them equal.')
     return phases

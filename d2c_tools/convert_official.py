@@ -23,20 +23,32 @@ def build_parser():
         'path.pretrain_network_g set to OUTPUT and network_g as printed (note rgb_mean).')
     parser.add_argument('checkpoint', help="the authors' checkpoint (.pkl)")
     parser.add_argument('output', help='the BasicSR checkpoint to write (.pth)')
-    parser.add_argument('--opt-out', metavar='FILE.yml',
-                        help='also write the network_g options these weights need to FILE.yml; with --template, a '
-                        'whole test option file')
-    parser.add_argument('--template', metavar='TEST.yml',
-                        help='test option file to copy for --opt-out (network_g, path.pretrain_network_g and name '
-                        'replaced), e.g. options/test_D2C_RealSR_x4.yml')
-    parser.add_argument('--channel-order', choices=CHANNEL_ORDERS, default='rgb',
-                        help='colour order the converted network takes and gives: rgb (default; what BasicSR '
-                        'feeds) or bgr (what the authors\' code feeds: it reads images with cv2 and never converts)')
-    parser.add_argument('--fold-mean-shift', action='store_true',
-                        help='if sub_mean/add_mean are not the authors\' constant DIV2K mean shift, fold them into '
-                        'the head and output convs instead of stopping')
-    parser.add_argument('--scale', type=int, choices=(2, 3, 4, 8),
-                        help='the scale the checkpoint must have (it is read from the tail shapes; this only checks)')
+    parser.add_argument(
+        '--opt-out',
+        metavar='FILE.yml',
+        help='also write the network_g options these weights need to FILE.yml; with --template, a '
+        'whole test option file')
+    parser.add_argument(
+        '--template',
+        metavar='TEST.yml',
+        help='test option file to copy for --opt-out (network_g, path.pretrain_network_g and name '
+        'replaced), e.g. options/test_D2C_RealSR_x4.yml')
+    parser.add_argument(
+        '--channel-order',
+        choices=CHANNEL_ORDERS,
+        default='rgb',
+        help='colour order the converted network takes and gives: rgb (default; what BasicSR '
+        'feeds) or bgr (what the authors\' code feeds: it reads images with cv2 and never converts)')
+    parser.add_argument(
+        '--fold-mean-shift',
+        action='store_true',
+        help='if sub_mean/add_mean are not the authors\' constant DIV2K mean shift, fold them into '
+        'the head and output convs instead of stopping')
+    parser.add_argument(
+        '--scale',
+        type=int,
+        choices=(2, 3, 4, 8),
+        help='the scale the checkpoint must have (it is read from the tail shapes; this only checks)')
     parser.add_argument('--force', action='store_true', help='overwrite OUTPUT / --opt-out if they exist')
     return parser
 

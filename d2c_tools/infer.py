@@ -158,9 +158,10 @@ def main(argv=None):
           f'{weights}; options {info["opt_source"]}; {device.type}, {precision_name(dtype)}, '
           f'{"channels_last" if args.channels_last else "NCHW"}; {tiling}; {len(inputs)} input(s) -> {args.output}')
     if args.reference and dtype is not None:
-        print(f'{PROG}: note: metrics of a {precision_name(dtype)} run can be a few hundredths of a dB below fp32\'s '
-              '(8-bit rounding of slightly different outputs); use --precision fp32 for numbers you report',
-              file=sys.stderr)
+        print(
+            f'{PROG}: note: metrics of a {precision_name(dtype)} run can be a few hundredths of a dB below fp32\'s '
+            '(8-bit rounding of slightly different outputs); use --precision fp32 for numbers you report',
+            file=sys.stderr)
     forward = GuardedForward(dtype, args.channels_last, warn=warn)
     options = OutputOptions.from_namespace(args)
 

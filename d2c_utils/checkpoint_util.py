@@ -15,10 +15,11 @@ from os import path as osp
 import torch
 import yaml
 
-from d2c_arch import D2CNet, bare_key, default_options, infer_options, state_dict_differences
+from d2c_arch import D2CNet, bare_key, default_options, infer_options
+from d2c_arch.d2c_arch import state_dict_differences
 from .errors import UserError
 
-MAX_LISTED_KEYS = 8
+KEYS_PER_PART = 3  # keys listed per part of the network in a mismatch message
 
 
 def first_line(err):
@@ -137,7 +138,7 @@ def network_options(ckpt, opt_path, model_path, infer_missing=False, param_key=N
         opt_path (str | None): Option file whose ``network_g`` is used.
         model_path (str | None): The checkpoint file, for messages.
         infer_missing (bool): With neither, read the options from the weights' shapes
-            (:func:`d2c_arch.infer_options`); the options in ``NOT_INFERABLE`` then keep
+            (:func:`d2c_arch.infer_options`); the options in ``d2c_arch.d2c_arch.NOT_INFERABLE`` then keep
             D2CNet's defaults. Enough to count parameters, not to run the network faithfully.
         param_key (str | None): The state dict the options are inferred from (see :func:`select_state_dict`).
 
@@ -182,10 +183,21 @@ def build_network(net_opt, source):
         raise UserError(f'{source}: network_g is not valid: {err}') from None
 
 
-def _listed(keys, limit=MAX_LISTED_KEYS):
-    keys = list(keys)
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... and {len(keys) - limit} more' if len(keys) > limit else '')
+def _listed(entries, per_part=KEYS_PER_PART):
+    """Sorted keys (or lines starting with a key), at most ``per_part`` per top-level part of the network.
+
+    Every differing part (head, tree, res_convs, tails, convergence) shows up in the message,
+    however many keys another part has.
+    """
+    parts = {}
+    for entry in sorted(entries):
+        parts.setdefault(entry.split('.', 1)[0], []).append(entry)
+    shown = []
+    for part, part_entries in parts.items():
+        shown += part_entries[:per_part]
+        if len(part_entries) > per_part:
+            shown.append(f'... {len(part_entries) - per_part} more {part}.*')
+    return ', '.join(shown)
 
 
 def mismatch_message(net, state, net_opt, opt_source, model_desc, hint):
@@ -205,7 +217,7 @@ def mismatch_message(net, state, net_opt, opt_source, model_desc, hint):
         lines.append(f'  not in the network ({len(unexpected)}): {_listed(unexpected)}')
     if resized:
         shown = [f'{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}' for k in resized]
-        lines.append(f'  different shapes ({len(resized)}): {_listed(shown, MAX_LISTED_KEYS // 2)}')
+        lines.append(f'  different shapes ({len(resized)}): {_listed(shown, KEYS_PER_PART - 1)}')
     try:
         inferred = infer_options(state)
     except ValueError:
@@ -276,9 +288,10 @@ def load_weights(net,
     state, key = select_state_dict(ckpt, model_path, param_key, param_key_option)
     model_desc = f'checkpoint {model_path}' + (f' [{key}]' if key else '')
     if strict:
-        problem = mismatch_message(net, state, net_opt, opt_source, model_desc, hint or
-                                   'pass the option file this checkpoint was trained with (--opt), or fix '
-                                   'network_g to match')
+        problem = mismatch_message(
+            net, state, net_opt, opt_source, model_desc, hint
+            or 'pass the option file this checkpoint was trained with (--opt), or fix '
+            'network_g to match')
         if problem:
             raise UserError(problem)
     elif report_loose is not None:
@@ -308,8 +321,12 @@ def load_model(model_path, opt_path=None, param_key=None, device='cpu', infer_mi
     net = build_network(net_opt, opt_source)
     info = load_weights(net, ckpt, model_path, net_opt, opt_source, param_key)
     net.eval().to(device)
-    return net, {'param_key': info['param_key'], 'opt_source': opt_source, 'net_opt': net_opt,
-                 'warnings': info['warnings']}
+    return net, {
+        'param_key': info['param_key'],
+        'opt_source': opt_source,
+        'net_opt': net_opt,
+        'warnings': info['warnings']
+    }
 
 
 def atomic_write(path, write):
@@ -317,14 +334,15 @@ def atomic_write(path, write):
 
     Args:
         path (str): The file to write.
-        write (callable): ``write(binary_file_object)``.
+        write (callable): ``write(temporary_path)`` writes the whole file there; it is renamed to
+            ``path`` only when ``write`` returns.
     """
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=osp.basename(path) + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):
@@ -334,4 +352,4 @@ def atomic_write(path, write):
 
 def atomic_torch_save(obj, save_path):
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
-    atomic_write(save_path, lambda f: torch.save(obj, f))
+    atomic_write(save_path, lambda tmp: torch.save(obj, tmp))

@@ -67,5 +67,5 @@ def psnr_ssim_y(img, gt, crop_border):
     Args:
         img, gt (ndarray): uint8 images (H, W, 3), BGR as from ``tensor2img`` / ``cv2.imread``.
     """
-    return (calculate_psnr(img, gt, crop_border=crop_border, test_y_channel=True),
-            calculate_ssim(img, gt, crop_border=crop_border, test_y_channel=True))
+    return (calculate_psnr(img, gt, crop_border=crop_border,
+                           test_y_channel=True), calculate_ssim(img, gt, crop_border=crop_border, test_y_channel=True))

@@ -26,8 +26,9 @@ def check_container(data, ext):
         if not data.startswith(PNG_SIGNATURE):
             raise ImageError('not a PNG file (bad signature) although named .png')
         if not data.endswith(PNG_IEND):
-            raise ImageError(f'PNG is truncated: it does not end with an IEND chunk ({len(data)} bytes); '
-                             're-download or re-export it', 'truncated')
+            raise ImageError(
+                f'PNG is truncated: it does not end with an IEND chunk ({len(data)} bytes); '
+                're-download or re-export it', 'truncated')
     elif ext in ('.jpg', '.jpeg'):
         if not data.startswith(b'\xff\xd8'):
             raise ImageError('not a JPEG file (bad signature) although named .jpg')

@@ -183,8 +183,7 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
     if options.save_weights:
         for i, weight in enumerate(weights[0].numpy()):
             write_image(osp.join(options.output, f'{stem}_weight{i + 1}.png'), weight_heatmap(weight))
-        write_grid(
-            osp.join(options.output, f'{stem}_grid.png'), lq, branches, weights, sr, scale, options.grid_size)
+        write_grid(osp.join(options.output, f'{stem}_grid.png'), lq, branches, weights, sr, scale, options.grid_size)
     if ref_path is None:
         return None
     try:

@@ -50,7 +50,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from d2c_arch import default_options, upsampler_scale
+from d2c_arch import default_options
+from d2c_arch.d2c_arch import upsampler_scale
 from .checkpoint_util import atomic_write
 from .errors import UserError
 
@@ -164,15 +165,15 @@ def load_official(path):
         f.seek(0)
         if magic.startswith(b'PK\x03\x04'):
             raise UserError(f'{path}: this is a zip archive (a torch.save checkpoint?), not the authors\' '
-                                  'MegEngine pickle; a BasicSR checkpoint needs no conversion (set '
-                                  'path.pretrain_network_g to it)')
+                            'MegEngine pickle; a BasicSR checkpoint needs no conversion (set '
+                            'path.pretrain_network_g to it)')
         try:
             obj = SafeUnpickler(f).load()
         except UserError as err:
             raise UserError(f'{path}: {err}') from None
         except Exception as err:  # noqa: BLE001  (pickle fails in many ways; all mean "not a usable pickle")
             raise UserError(f'{path}: not a readable pickle ({type(err).__name__}: {err}); '
-                                  'pass the checkpoint .pkl written by the authors\' train.py') from None
+                            'pass the checkpoint .pkl written by the authors\' train.py') from None
     return split_checkpoint(obj, path)
 
 
@@ -190,7 +191,7 @@ def split_checkpoint(obj, path='checkpoint'):
         if isinstance(obj, int) and obj == TORCH_LEGACY_MAGIC:
             raise UserError(f'{path}: this is a legacy torch.save checkpoint, not the authors\' MegEngine pickle')
         raise UserError(f"{path}: the top level is a {type(obj).__name__}; expected a dict with 'state_dict_D' "
-                              "and 'state_dict_C' as written by the authors' train.py")
+                        "and 'state_dict_C' as written by the authors' train.py")
     missing = [name for name in SECTIONS if name not in obj]
     if missing:
         if 'params' in obj or 'params_ema' in obj:
@@ -200,7 +201,7 @@ def split_checkpoint(obj, path='checkpoint'):
         else:
             hint = ''
         raise UserError(f'{path}: missing {", ".join(repr(m) for m in missing)} at the top level; found '
-                              f'{_short_list(repr(k) for k in obj)}{hint}')
+                        f'{_short_list(repr(k) for k in obj)}{hint}')
     sections = []
     for name in SECTIONS:
         section = obj[name]
@@ -225,21 +226,21 @@ def split_checkpoint(obj, path='checkpoint'):
 _NODE = r'tree\.(?P<level>\d+)\.(?P<node>\d+)\.(?P<g>\d+)'
 _D2C_TO_OFFICIAL = (
     (r'head\.(?P<p>weight|bias)', lambda m, nb: ('D', f'head.0.{m["p"]}')),
-    (_NODE + r'\.residual_group\.(?P<b>\d+)\.rcab\.(?P<k>[02])\.(?P<p>weight|bias)',
-     lambda m, nb: ('D', f'body{_node_name(m)}.{m["g"]}.body.{m["b"]}.body.{m["k"]}.{m["p"]}')),
+    (_NODE + r'\.residual_group\.(?P<b>\d+)\.rcab\.(?P<k>[02])\.(?P<p>weight|bias)', lambda m, nb:
+     ('D', f'body{_node_name(m)}.{m["g"]}.body.{m["b"]}.body.{m["k"]}.{m["p"]}')),
     # BasicSR's ChannelAttention is Sequential(pool, conv, ReLU, conv, Sigmoid): convs at 1, 3;
     # the authors' CALayer.conv_du is Sequential(conv, ReLU, conv, Sigmoid): convs at 0, 2
-    (_NODE + r'\.residual_group\.(?P<b>\d+)\.rcab\.3\.attention\.(?P<k>[13])\.(?P<p>weight|bias)',
-     lambda m, nb: ('D', f'body{_node_name(m)}.{m["g"]}.body.{m["b"]}.body.3.conv_du.{int(m["k"]) - 1}.{m["p"]}')),
+    (_NODE + r'\.residual_group\.(?P<b>\d+)\.rcab\.3\.attention\.(?P<k>[13])\.(?P<p>weight|bias)', lambda m, nb:
+     ('D', f'body{_node_name(m)}.{m["g"]}.body.{m["b"]}.body.3.conv_du.{int(m["k"]) - 1}.{m["p"]}')),
     # the conv closing a residual group sits after the B RCABs in the authors' ResidualGroup.body
     (_NODE + r'\.conv\.(?P<p>weight|bias)', lambda m, nb: ('D', f'body{_node_name(m)}.{m["g"]}.body.{nb}.{m["p"]}')),
     # the conv closing a node: index G in both Sequentials
     (_NODE + r'\.(?P<p>weight|bias)', lambda m, nb: ('D', f'body{_node_name(m)}.{m["g"]}.{m["p"]}')),
     # leaf i: k=0 (then + parent) is res_conv(2i+1), k=1 (then + shallow features) res_conv(2i+2)
-    (r'res_convs\.(?P<leaf>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)',
-     lambda m, nb: ('D', f'res_conv{2 * _leaf(m) + int(m["k"]) + 1}.{m["p"]}')),
-    (r'tails\.(?P<leaf>\d+)\.0\.(?P<k>\d+)\.(?P<p>weight|bias)',
-     lambda m, nb: ('D', f'tail{LEAF_NAMES[_leaf(m)]}.0.{m["k"]}.{m["p"]}')),
+    (r'res_convs\.(?P<leaf>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)', lambda m, nb:
+     ('D', f'res_conv{2 * _leaf(m) + int(m["k"]) + 1}.{m["p"]}')),
+    (r'tails\.(?P<leaf>\d+)\.0\.(?P<k>\d+)\.(?P<p>weight|bias)', lambda m, nb:
+     ('D', f'tail{LEAF_NAMES[_leaf(m)]}.0.{m["k"]}.{m["p"]}')),
     (r'tails\.(?P<leaf>\d+)\.1\.(?P<p>weight|bias)', lambda m, nb: ('D', f'tail{LEAF_NAMES[_leaf(m)]}.1.{m["p"]}')),
     # D2CNet.convergence is Sequential(conv, ReLU, conv, ReLU, conv, ReLU); the authors wrap each
     # conv with its ReLU in a BasicConv
@@ -280,7 +281,7 @@ def official_key(d2c_key, num_block):
             section, key = target(match, num_block)
             return ('state_dict_D' if section == 'D' else 'state_dict_C'), key
     raise UserError(f'D2CNet key {d2c_key!r} has no counterpart in the authors\' D_Net/C_Net '
-                          '(they have tree_depth=2, tree_width=2 and RCAN branches)')
+                    '(they have tree_depth=2, tree_width=2 and RCAN branches)')
 
 
 def _swap_rb(state_dict, num_branch):
@@ -329,15 +330,20 @@ def infer_layout(sd_d, sd_c):
     blocks = [int(m[1]) for m in (re.fullmatch(r'body1\.0\.body\.(\d+)\.weight', k) for k in sd_d) if m]
     if len(blocks) != 1:
         raise UserError('cannot find the conv closing residual group body1.0 (body1.0.body.<B>.weight) '
-                              'in state_dict_D')
+                        'in state_dict_D')
     squeeze = _require(sd_d, 'body1.0.body.0.body.3.conv_du.0.weight')
     if squeeze.ndim != 4 or squeeze.shape[0] < 1 or num_feat % squeeze.shape[0]:
         raise UserError(f'body1.0.body.0.body.3.conv_du.0.weight has shape {tuple(squeeze.shape)}; '
-                              f'expected (F / reduction, F, 1, 1) with F={num_feat}')
+                        f'expected (F / reduction, F, 1, 1) with F={num_feat}')
     upscale = _infer_scale(sd_d, num_feat)
     fusion = _require(sd_c, 'fusion_final.0.conv.weight', 'state_dict_C')
-    return dict(num_feat=num_feat, num_group=groups[0], num_block=blocks[0],
-                reduction=num_feat // int(squeeze.shape[0]), upscale=upscale, num_fusion_feat=int(fusion.shape[0]))
+    return dict(
+        num_feat=num_feat,
+        num_group=groups[0],
+        num_block=blocks[0],
+        reduction=num_feat // int(squeeze.shape[0]),
+        upscale=upscale,
+        num_fusion_feat=int(fusion.shape[0]))
 
 
 def _infer_scale(sd_d, num_feat):
@@ -404,7 +410,7 @@ def fold_mean_shift(sd_d):
     sub_w, sub_b, add_w, add_b = _mean_shift(sd_d)
     if not np.all(np.isfinite(sub_w)) or np.linalg.cond(sub_w) > 1e6:
         raise UserError(f'sub_mean.weight = {np.round(sub_w, 5).tolist()} is not invertible, so it cannot be '
-                              'folded into a mean shift')
+                        'folded into a mean shift')
     mean = -np.linalg.solve(sub_w, sub_b)
     out = OrderedDict((k, v) for k, v in sd_d.items() if k not in MEAN_SHIFT_KEYS)
     head = np.asarray(sd_d['head.0.weight'], dtype=np.float64)
@@ -415,7 +421,7 @@ def fold_mean_shift(sd_d):
         bias = np.asarray(_require(sd_d, bias_key), dtype=np.float64)
         if weight.shape[0] != 3 or bias.size != 3:
             raise UserError(f'{weight_key} / {bias_key} have shapes {tuple(weight.shape)} / {tuple(bias.shape)}; '
-                                  'expected 3 output channels')
+                            'expected 3 output channels')
         out[weight_key] = np.einsum('ij,jokl->iokl', add_w, weight).astype(np.float32)
         out[bias_key] = (add_w @ bias.reshape(3) + add_b - mean).astype(np.float32).reshape(bias.shape)
     return out, tuple(float(np.float32(v)) for v in mean)
@@ -427,10 +433,19 @@ def fold_mean_shift(sd_d):
 def official_network_options(layout, rgb_mean):
     """The ``network_g`` options of the converted weights (an OrderedDict, YAML order)."""
     return OrderedDict([
-        ('type', 'D2CNet'), ('num_in_ch', 3), ('num_out_ch', 3), ('num_feat', layout['num_feat']),
-        ('tree_depth', 2), ('tree_width', 2), ('num_group', layout['num_group']), ('num_block', layout['num_block']),
-        ('reduction', layout['reduction']), ('upscale', layout['upscale']), ('img_range', 1.),
-        ('rgb_mean', [float(v) for v in rgb_mean]), ('num_fusion_feat', layout['num_fusion_feat']),
+        ('type', 'D2CNet'),
+        ('num_in_ch', 3),
+        ('num_out_ch', 3),
+        ('num_feat', layout['num_feat']),
+        ('tree_depth', 2),
+        ('tree_width', 2),
+        ('num_group', layout['num_group']),
+        ('num_block', layout['num_block']),
+        ('reduction', layout['reduction']),
+        ('upscale', layout['upscale']),
+        ('img_range', 1.),
+        ('rgb_mean', [float(v) for v in rgb_mean]),
+        ('num_fusion_feat', layout['num_fusion_feat']),
         ('fusion_logit_relu', True),  # the authors' last BasicConv has relu=True
     ])
 
@@ -472,7 +487,7 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
     layout = infer_layout(sd_d, sd_c)
     if scale is not None and scale != layout['upscale']:
         raise UserError(f'the checkpoint is x{layout["upscale"]} (read from its tail shapes), not x{scale} '
-                              'as --scale says')
+                        'as --scale says')
     default_mean = _d2c_default_rgb_mean()
     problem = check_mean_shift(sd_d, default_mean)
     if problem is None:
@@ -483,8 +498,8 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
         mean_note = 'folded'
     else:
         raise UserError(f'{problem}; D2CNet only subtracts rgb_mean={list(default_mean)}. If the file\'s '
-                              'mean-shift layers were trained, rerun with --fold-mean-shift to fold them exactly '
-                              'into the head and output convs')
+                        'mean-shift layers were trained, rerun with --fold-mean-shift to fold them exactly '
+                        'into the head and output convs')
     rgb_mean = tuple(reversed(file_mean)) if channel_order == 'rgb' else tuple(file_mean)
     net_opt = official_network_options(layout, rgb_mean)
     targets = _target_shapes(net_opt)
@@ -498,7 +513,7 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
             continue
         used.add((section, src_key))
         value = sources[section][src_key]
-        if len(shape) == 1 and value.shape in ((1, shape[0], 1, 1), (shape[0],)):
+        if len(shape) == 1 and value.shape in ((1, shape[0], 1, 1), (shape[0], )):
             value = value.reshape(shape)  # MegEngine bias (1, C, 1, 1) -> (C,)
         if tuple(value.shape) != shape:
             mismatched.append(f'{section}[{src_key}] {tuple(value.shape)} vs D2CNet {key} {shape}')
@@ -517,7 +532,7 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
     broken = [f'{official_key(k, layout["num_block"])[1]}' for k, v in converted.items() if not np.isfinite(v).all()]
     if broken:
         raise UserError(f'{len(broken)} array(s) hold NaN or inf values: {_short_list(broken)}; the checkpoint '
-                              'is damaged (or was saved after training diverged)')
+                        'is damaged (or was saved after training diverged)')
 
     if channel_order == 'rgb':
         converted = _swap_rb(converted, num_branch=4)
@@ -546,8 +561,10 @@ def export_official(state_dict, rgb_mean=None, channel_order='rgb'):
         raise ValueError(f'channel_order {channel_order!r} is not one of {CHANNEL_ORDERS}')
     arrays = OrderedDict(
         (k, v.detach().cpu().numpy() if hasattr(v, 'detach') else np.asarray(v)) for k, v in state_dict.items())
-    blocks = [int(m[1]) for m in (re.fullmatch(r'tree\.0\.0\.0\.residual_group\.(\d+)\.rcab\.0\.weight', k)
-                                  for k in arrays) if m]
+    blocks = [
+        int(m[1]) for m in (re.fullmatch(r'tree\.0\.0\.0\.residual_group\.(\d+)\.rcab\.0\.weight', k) for k in arrays)
+        if m
+    ]
     if not blocks:
         raise ValueError('state_dict has no tree.0.0.0.residual_group.*: not a D2CNet with RCAN branches')
     num_block = max(blocks) + 1
@@ -589,6 +606,11 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+def _write_text(path, text):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)
+
+
 def _dump_yaml(data):
     import yaml
 
@@ -609,7 +631,7 @@ def _test_options_from_template(template, net_opt, weights_path, channel_order):
         raise UserError(f'{template}: not a BasicSR option file (no network_g)')
     if opt.get('scale') != net_opt['upscale']:
         raise UserError(f'{template} has scale {opt.get("scale")!r} but the checkpoint is x{net_opt["upscale"]}; '
-                              f'use the x{net_opt["upscale"]} template')
+                        f'use the x{net_opt["upscale"]} template')
     opt['name'] = f'{opt.get("name", "D2C")}_official'
     opt['network_g'] = OrderedDict(net_opt)
     opt.setdefault('path', OrderedDict())
@@ -621,8 +643,14 @@ def _test_options_from_template(template, net_opt, weights_path, channel_order):
     return header + _dump_yaml(opt)
 
 
-def convert_checkpoint_file(checkpoint, output, opt_out=None, template=None, channel_order='rgb', fold=False,
-                            scale=None, force=False):
+def convert_checkpoint_file(checkpoint,
+                            output,
+                            opt_out=None,
+                            template=None,
+                            channel_order='rgb',
+                            fold=False,
+                            scale=None,
+                            force=False):
     """Convert the authors' checkpoint file into a BasicSR checkpoint (what ``d2c-convert-official`` does).
 
     Args:
@@ -649,8 +677,7 @@ def convert_checkpoint_file(checkpoint, output, opt_out=None, template=None, cha
 
     sd_d, sd_c, ignored = load_official(checkpoint)
     try:
-        state_dict, net_opt, notes = convert_state_dicts(sd_d, sd_c, channel_order, fold,
-                                                         scale)
+        state_dict, net_opt, notes = convert_state_dicts(sd_d, sd_c, channel_order, fold, scale)
     except UserError as err:
         raise UserError(f'{checkpoint}: {err}') from None
 
@@ -687,15 +714,20 @@ def convert_checkpoint_file(checkpoint, output, opt_out=None, template=None, cha
     checkpoint = {
         'params': state_dict,
         # provenance; plain types only, so torch.load(weights_only=True) reads it
-        'converted_from': {'file': os.path.basename(checkpoint), 'sha256': _sha256(checkpoint),
-                           'channel_order': channel_order, 'mean_shift': notes['mean'],
-                           'network_g': dict(net_opt), 'tool': PROG},
+        'converted_from': {
+            'file': os.path.basename(checkpoint),
+            'sha256': _sha256(checkpoint),
+            'channel_order': channel_order,
+            'mean_shift': notes['mean'],
+            'network_g': dict(net_opt),
+            'tool': PROG
+        },
     }
-    atomic_write(output, lambda f: torch.save(checkpoint, f))
+    atomic_write(output, lambda tmp: torch.save(checkpoint, tmp))
     lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
 
     if opt_out:
-        atomic_write(opt_out, lambda f: f.write(opt_text.encode('utf-8')))
+        atomic_write(opt_out, lambda tmp: _write_text(tmp, opt_text))
         lines.append(f'wrote {opt_out}' + (' (a complete test option file)' if template else ''))
     lines.append('the converted weights need these options (note rgb_mean):')
     lines.append(snippet.rstrip('\n'))

@@ -102,11 +102,13 @@ def count_macs(net, lr_size=16):
 
 def describe(net_opt, net):
     opt = dict(net_opt)
-    parts = [f'x{net.upscale}', f'L={net.tree_depth}, C={net.tree_width} -> P={net.num_branch} branches',
-             f'F={net.head.out_channels}']
+    parts = [
+        f'x{net.upscale}', f'L={net.tree_depth}, C={net.tree_width} -> P={net.num_branch} branches',
+        f'F={net.head.out_channels}'
+    ]
     branch = opt.get('branch_type', 'RCANBranch')
-    parts.append(f'{branch} G={opt.get("num_group", 2)}, B={opt.get("num_block", 4)}'
-                 + (f', reduction {opt.get("reduction", 16)}' if branch == 'RCANBranch' else ''))
+    parts.append(f'{branch} G={opt.get("num_group", 2)}, B={opt.get("num_block", 4)}' +
+                 (f', reduction {opt.get("reduction", 16)}' if branch == 'RCANBranch' else ''))
     parts.append(f'fusion features {net.convergence[0].out_channels}')
     return ', '.join(parts)
 
@@ -127,8 +129,9 @@ def summarize(net, lr_size=16, image_size=(256, 256)):
 
     # one prediction's own path: what a single-branch network of the same depth would cost
     leaf = net.num_branch - 1
-    path = ['head.'] + [f'tree.{level}.{leaf // net.tree_width**(net.tree_depth - level - 1)}.'
-                        for level in range(net.tree_depth)] + [f'res_convs.{leaf}.', f'tails.{leaf}.']
+    path = ['head.'] + [
+        f'tree.{level}.{leaf // net.tree_width**(net.tree_depth - level - 1)}.' for level in range(net.tree_depth)
+    ] + [f'res_convs.{leaf}.', f'tails.{leaf}.']
 
     def line(label, count, mac):
         return f'{label:52s} {count:>12,d} {mac * 1e6 / 1e9:>12.2f}'
@@ -139,8 +142,9 @@ def summarize(net, lr_size=16, image_size=(256, 256)):
     out += [line(*r) for r in div_rows]
     out.append(line('convergence network (convergence.*)', *totals['convergence']))
     out.append(line('total', total_params, total_mac))
-    out.append(line('one branch\'s own path (head, L nodes, res convs, tail)', sum(params[p] for p in path),
-                    sum(per_pixel[p] for p in path)))
+    out.append(
+        line('one branch\'s own path (head, L nodes, res convs, tail)', sum(params[p] for p in path),
+             sum(per_pixel[p] for p in path)))
     h, w = image_size
     s = net.upscale
     whole = total_mac * h * w * s * s + ca_per_image

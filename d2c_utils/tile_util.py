@@ -10,7 +10,7 @@ Tiling is exact for the convolutions as long as ``tile_pad`` covers their recept
 not for RCAN's channel attention: every RCAB pools its features over the *whole input* it is
 given (a global average), so a tile sees the statistics of its padded window instead of those of
 the image. A larger ``tile_pad`` (and larger tiles) bring the window statistics closer to the
-image's; the README gives measured differences.
+image's; docs/inference.md (Tiling) gives measured differences.
 """
 import math
 import warnings
@@ -108,7 +108,10 @@ class GuardedForward:
         fallback_reason (str | None): Why it fell back, if it did.
     """
 
-    def __init__(self, dtype=None, channels_last=False, warn=None,
+    def __init__(self,
+                 dtype=None,
+                 channels_last=False,
+                 warn=None,
                  hint='use --precision fp32 to skip the reduced-precision attempt'):
         self.dtype = dtype
         self.hint = hint
@@ -169,14 +172,22 @@ def tile_boxes(height, width, tile, tile_pad):
     boxes = []
     for y0, y1 in split_even(height, tile):
         for x0, x1 in split_even(width, tile):
-            window = (max(y0 - tile_pad, 0), min(y1 + tile_pad, height), max(x0 - tile_pad, 0),
-                      min(x1 + tile_pad, width))
+            window = (max(y0 - tile_pad, 0), min(y1 + tile_pad, height), max(x0 - tile_pad,
+                                                                             0), min(x1 + tile_pad, width))
             boxes.append(((y0, y1, x0, x1), window))
     return boxes
 
 
-def super_resolve(net, img, scale, tile=0, tile_pad=0, pre_pad=0, device=None, return_branches=False,
-                  forward=run_network, tile_callback=None):
+def super_resolve(net,
+                  img,
+                  scale,
+                  tile=0,
+                  tile_pad=0,
+                  pre_pad=0,
+                  device=None,
+                  return_branches=False,
+                  forward=run_network,
+                  tile_callback=None):
     """Super-resolve one host image, whole or tile by tile.
 
     Args:

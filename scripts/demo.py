@@ -51,8 +51,11 @@ def degrade(hr, rng_seed):
     np.random.seed(rng_seed)
     random.seed(rng_seed)
     img = hr.astype(np.float32) / 255.
-    kernel = random_mixed_kernels(['iso', 'aniso', 'generalized_iso'], [0.45, 0.45, 0.1], kernel_size=21,
-                                  sigma_x_range=(0.2, 1.2), sigma_y_range=(0.2, 1.2), betag_range=(0.5, 4))
+    kernel = random_mixed_kernels(['iso', 'aniso', 'generalized_iso'], [0.45, 0.45, 0.1],
+                                  kernel_size=21,
+                                  sigma_x_range=(0.2, 1.2),
+                                  sigma_y_range=(0.2, 1.2),
+                                  betag_range=(0.5, 4))
     img = cv2.filter2D(img, -1, kernel)
     h, w = img.shape[:2]
     img = cv2.resize(img, (w // SCALE, h // SCALE), interpolation=cv2.INTER_CUBIC)
@@ -88,6 +91,7 @@ def build_data(root):
 
 def scaled_options(opt, iters_scale):
     """Scale all iteration counts (phases, milestones, alpha start, val/save/print intervals)."""
+
     def scale(n):
         return max(1, int(round(n * iters_scale)))
 
@@ -140,13 +144,16 @@ def main(argv=None):
     parser.add_argument('--opt', default=DEMO_OPT, help='demo option file (default: %(default)s)')
     parser.add_argument('--data', default='datasets/demo_x4', help='where to build the demo data set')
     parser.add_argument('--out', default='results/demo', help='where to write pictures and metrics')
-    parser.add_argument('--iters-scale', type=float, default=1.0,
-                        help='multiply every iteration count (e.g. 0.01 for a smoke test)')
-    parser.add_argument('--precision', choices=['fp32', 'bf16', 'fp16', 'auto'], default=None,
-                        help="training precision (train.precision); default: the option file's (fp32). A run "
-                        'that is not fp32 is named <name>_<precision> so that it does not overwrite the fp32 run')
-    parser.add_argument('--channels-last', action='store_true',
-                        help='train in the channels_last memory layout (train.channels_last)')
+    parser.add_argument(
+        '--iters-scale', type=float, default=1.0, help='multiply every iteration count (e.g. 0.01 for a smoke test)')
+    parser.add_argument(
+        '--precision',
+        choices=['fp32', 'bf16', 'fp16', 'auto'],
+        default=None,
+        help="training precision (train.precision); default: the option file's (fp32). A run "
+        'that is not fp32 is named <name>_<precision> so that it does not overwrite the fp32 run')
+    parser.add_argument(
+        '--channels-last', action='store_true', help='train in the channels_last memory layout (train.channels_last)')
     args = parser.parse_args(argv)
     if not os.path.isfile(args.opt):
         parser.error(f'option file not found: {args.opt} (run from the repository root)')

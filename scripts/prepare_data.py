@@ -188,37 +188,57 @@ def build_parser():
         '--split',
         choices=('train', 'test', 'all'),
         help='split(s) to prepare; default: all for presets, train for generic (which takes one split per call)')
-    src.add_argument('--scale', type=int, help='SR scale (LR is smaller than HR by this factor); required '
-                     'except for d2crealsr (8)')
+    src.add_argument(
+        '--scale',
+        type=int,
+        help='SR scale (LR is smaller than HR by this factor); required '
+        'except for d2crealsr (8)')
     pair = parser.add_argument_group('pairing (override the preset\'s file names)')
     pair.add_argument('--hr-pattern', help="HR file name template, e.g. '{key}_HR.png'")
     pair.add_argument('--lr-pattern', help="LR file name template, e.g. '{stem}_LR{scale}.png'")
-    pair.add_argument('--hr-regex', help='HR file name regex (full match); named group(s) key, key1, ... '
-                      'form the pairing key')
+    pair.add_argument(
+        '--hr-regex', help='HR file name regex (full match); named group(s) key, key1, ... '
+        'form the pairing key')
     pair.add_argument('--lr-regex', help='LR file name regex, as --hr-regex')
     pair.add_argument('--regex', help='one regex for both HR and LR file names')
     chk = parser.add_argument_group('checks')
-    chk.add_argument('--allow-crop', type=int, default=0, metavar='N',
-                     help='accept LR x scale differing from HR by up to N HR pixels; both are then cropped '
-                     'top-left aligned to the common size (HR = LR x scale)')
-    chk.add_argument('--skip-bad', action='store_true',
-                     help='write the good pairs and exit 0 even if some were skipped')
+    chk.add_argument(
+        '--allow-crop',
+        type=int,
+        default=0,
+        metavar='N',
+        help='accept LR x scale differing from HR by up to N HR pixels; both are then cropped '
+        'top-left aligned to the common size (HR = LR x scale)')
+    chk.add_argument(
+        '--skip-bad', action='store_true', help='write the good pairs and exit 0 even if some were skipped')
     chk.add_argument('--dry-run', action='store_true', help='check and report only; write nothing')
     out = parser.add_argument_group('output')
     out.add_argument('--output', required=True, help='output root; <output>/<split>/... is written')
-    out.add_argument('--overwrite', action='store_true',
-                     help='replace existing <output>/<split> folders (only after the new ones are complete)')
-    out.add_argument('--crop-size', type=int, help='extract HR sub-images of this size (HR px) for the train split; '
-                     'LR sub-images are crop-size/scale at position/scale')
+    out.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='replace existing <output>/<split> folders (only after the new ones are complete)')
+    out.add_argument(
+        '--crop-size',
+        type=int,
+        help='extract HR sub-images of this size (HR px) for the train split; '
+        'LR sub-images are crop-size/scale at position/scale')
     out.add_argument('--step', type=int, help='sub-image stride in HR px (default: crop-size/2, a multiple of scale)')
-    out.add_argument('--thresh-size', type=int, default=0,
-                     help='keep an extra border-aligned sub-image when the leftover strip is wider than this '
-                     '(BasicSR extract_subimages.py semantics)')
+    out.add_argument(
+        '--thresh-size',
+        type=int,
+        default=0,
+        help='keep an extra border-aligned sub-image when the leftover strip is wider than this '
+        '(BasicSR extract_subimages.py semantics)')
     out.add_argument('--lmdb', action='store_true', help='also write <split>/HR.lmdb and <split>/LR.lmdb')
-    out.add_argument('--compress-level', type=int, default=3, choices=range(10), metavar='0-9',
-                     help='PNG compression of written images (LMDBs always use 1, as BasicSR)')
-    out.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
-                     help='threads for decoding/encoding')
+    out.add_argument(
+        '--compress-level',
+        type=int,
+        default=3,
+        choices=range(10),
+        metavar='0-9',
+        help='PNG compression of written images (LMDBs always use 1, as BasicSR)')
+    out.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='threads for decoding/encoding')
     return parser
 
 
@@ -249,7 +269,7 @@ def _compile_template(template, scale, option):
             seen.add('ext')
         else:
             raise UserError(f'{option} {template!r}: unknown placeholder {{{name}}}; use {{key}} (or {{stem}}), '
-                             '{scale}, {ext}')
+                            '{scale}, {ext}')
     if 'key' not in seen:
         raise UserError(f'{option} {template!r} must contain {{key}} (or {{stem}}) to pair HR with LR files')
     return re.compile(''.join(parts))
@@ -290,7 +310,7 @@ def _preset_dirs(preset, root, split, scale):
         cams = [cam for cam in ('Canon', 'Nikon') if osp.isdir(osp.join(root, cam))]
         if not cams:
             raise UserError(f'--input {root} has neither Canon/ nor Nikon/; expected the RealSR(V3) root, '
-                             f'e.g. <root>/Canon/Train/{scale}/Canon_001_HR.png')
+                            f'e.g. <root>/Canon/Train/{scale}/Canon_001_HR.png')
         dirs = []
         for cam in cams:
             folder = osp.join(root, cam, split.capitalize(), str(scale))
@@ -298,7 +318,7 @@ def _preset_dirs(preset, root, split, scale):
                 parent = osp.dirname(folder)
                 found = sorted(os.listdir(parent)) if osp.isdir(parent) else []
                 raise UserError(f'{folder} is missing (RealSR V3 layout <root>/{cam}/{split.capitalize()}/<scale>); '
-                                 f'scale folders there: {", ".join(found) or "none"}; check --input and --scale')
+                                f'scale folders there: {", ".join(found) or "none"}; check --input and --scale')
             dirs.append((folder, folder))
         return dirs
     if preset == 'drealsr':
@@ -329,7 +349,7 @@ def make_plan(args):
         raise UserError(f'--scale {scale} must be a positive integer')
     if preset['scales'] and scale not in preset['scales']:
         raise UserError(f'--scale {scale} is not available for preset {args.preset} (choose from '
-                         f'{", ".join(map(str, preset["scales"]))}); use --preset generic for other data')
+                        f'{", ".join(map(str, preset["scales"]))}); use --preset generic for other data')
     # splits and folders
     if args.preset == 'generic':
         if args.input:
@@ -378,11 +398,11 @@ def make_plan(args):
             raise UserError('--crop-size applies to the train split only (the test split is never cropped)')
         if args.crop_size <= 0 or args.crop_size % scale:
             raise UserError(f'--crop-size {args.crop_size} must be a positive multiple of --scale {scale} so that '
-                             'the LR sub-image is crop-size/scale pixels')
+                            'the LR sub-image is crop-size/scale pixels')
         step = args.step if args.step is not None else max(scale, args.crop_size // 2 // scale * scale)
         if step <= 0 or step % scale:
             raise UserError(f'--step {step} must be a positive multiple of --scale {scale} so that LR positions '
-                             'are whole pixels')
+                            'are whole pixels')
         if args.thresh_size < 0:
             raise UserError(f'--thresh-size {args.thresh_size} must be >= 0')
         crop = (args.crop_size, step, args.thresh_size)
@@ -406,9 +426,17 @@ def make_plan(args):
             target = osp.join(output, split)
             if osp.lexists(target):
                 raise UserError(f'{target} already exists; pass --overwrite to replace it (the old folder is '
-                                 'replaced only after the new one is complete) or choose another --output')
-    return Plan(splits=splits, scale=scale, hr_regex=regexes['hr'][0], lr_regex=regexes['lr'][0],
-                hr_desc=regexes['hr'][1], lr_desc=regexes['lr'][1], crop=crop, output=output, base=base)
+                                'replaced only after the new one is complete) or choose another --output')
+    return Plan(
+        splits=splits,
+        scale=scale,
+        hr_regex=regexes['hr'][0],
+        lr_regex=regexes['lr'][0],
+        hr_desc=regexes['hr'][1],
+        lr_desc=regexes['lr'][1],
+        crop=crop,
+        output=output,
+        base=base)
 
 
 # ----------------------------------------------------------------------------
@@ -446,12 +474,15 @@ def collect_pairs(split, dir_pairs, plan):
             if not hits:
                 expected = ' or '.join(f'{role} {plan.hr_desc if role == "HR" else plan.lr_desc}'
                                        for role in sorted(folder_roles))
-                problems.append(Problem(split, [path], 'unrecognised name',
-                                        f'matches neither pattern (expected {expected}); fix the name or the '
-                                        '--hr-pattern/--lr-pattern/--regex options'))
+                problems.append(
+                    Problem(
+                        split, [path], 'unrecognised name',
+                        f'matches neither pattern (expected {expected}); fix the name or the '
+                        '--hr-pattern/--lr-pattern/--regex options'))
             elif len(hits) > 1:
-                problems.append(Problem(split, [path], 'ambiguous name',
-                                        'matches both the HR and the LR pattern; make the patterns distinct'))
+                problems.append(
+                    Problem(split, [path], 'ambiguous name',
+                            'matches both the HR and the LR pattern; make the patterns distinct'))
             else:
                 role, key = hits[0]
                 found[role][key].append(path)
@@ -460,19 +491,22 @@ def collect_pairs(split, dir_pairs, plan):
     for key in sorted(set(found['HR']) | set(found['LR'])):
         hr_paths, lr_paths = found['HR'].get(key, []), found['LR'].get(key, [])
         if len(hr_paths) > 1 or len(lr_paths) > 1:
-            problems.append(Problem(split, hr_paths + lr_paths, 'duplicate key',
-                                    f'several files map to key {key!r}; keep one of them'))
+            problems.append(
+                Problem(split, hr_paths + lr_paths, 'duplicate key',
+                        f'several files map to key {key!r}; keep one of them'))
         elif not lr_paths:
-            problems.append(Problem(split, hr_paths, 'no LR partner',
-                                    f'no LR file {plan.lr_desc} with key {key!r} (x{plan.scale})'))
+            problems.append(
+                Problem(split, hr_paths, 'no LR partner',
+                        f'no LR file {plan.lr_desc} with key {key!r} (x{plan.scale})'))
         elif not hr_paths:
-            problems.append(Problem(split, lr_paths, 'no HR partner',
-                                    f'no HR file {plan.hr_desc} with key {key!r}'))
+            problems.append(Problem(split, lr_paths, 'no HR partner', f'no HR file {plan.hr_desc} with key {key!r}'))
         elif not VALID_KEY.fullmatch(key) or '.' in key or len(key) > 400:
-            problems.append(Problem(split, hr_paths + lr_paths, 'bad key',
-                                    f'key {key!r} must be printable ASCII without spaces or dots (BasicSR LMDB '
-                                    'keys are ASCII and its meta_info reader cuts names at the first dot); rename '
-                                    'the files'))
+            problems.append(
+                Problem(
+                    split, hr_paths + lr_paths, 'bad key',
+                    f'key {key!r} must be printable ASCII without spaces or dots (BasicSR LMDB '
+                    'keys are ASCII and its meta_info reader cuts names at the first dot); rename '
+                    'the files'))
         else:
             pairs.append(Pair(split, key, hr_paths[0], lr_paths[0]))
     return pairs, problems
@@ -516,9 +550,11 @@ def inspect_pair(pair, scale, allow_crop, crop):
     pair.hr, pair.lr = infos['HR'], infos['LR']
     both = [pair.hr_path, pair.lr_path]
     if pair.hr.fmt != pair.lr.fmt:
-        return [Problem(pair.split, both, 'format mismatch in pair',
-                        f'HR is {pair.hr.fmt} but LR is {pair.lr.fmt}; convert them to the same bit depth and '
-                        'channels')]
+        return [
+            Problem(pair.split, both, 'format mismatch in pair',
+                    f'HR is {pair.hr.fmt} but LR is {pair.lr.fmt}; convert them to the same bit depth and '
+                    'channels')
+        ]
     pair.lr_size, detail = align_sizes(pair.hr, pair.lr, scale, allow_crop)
     if detail:
         return [Problem(pair.split, both, 'size mismatch', detail)]
@@ -526,8 +562,10 @@ def inspect_pair(pair, scale, allow_crop, crop):
         crop_size = crop[0]
         hr_h, hr_w = pair.lr_size[0] * scale, pair.lr_size[1] * scale
         if hr_h < crop_size or hr_w < crop_size:
-            return [Problem(pair.split, both, 'smaller than crop',
-                            f'HR {hr_w}x{hr_h} is smaller than --crop-size {crop_size}; no sub-image fits')]
+            return [
+                Problem(pair.split, both, 'smaller than crop',
+                        f'HR {hr_w}x{hr_h} is smaller than --crop-size {crop_size}; no sub-image fits')
+            ]
     return []
 
 
@@ -547,10 +585,10 @@ def check_set_formats(pairs):
     (major, n_major), = counts.most_common(1)
     seen = ', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))
     problems = [
-        Problem(p.split, [p.hr_path, p.lr_path], 'format differs from set',
-                f'pair is {p.hr.fmt} while {n_major} of {len(pairs)} pairs are {major} (pairs per format: {seen}); '
-                f'convert it to {major}')
-        for p in pairs if p.hr.fmt != major
+        Problem(
+            p.split, [p.hr_path, p.lr_path], 'format differs from set',
+            f'pair is {p.hr.fmt} while {n_major} of {len(pairs)} pairs are {major} (pairs per format: {seen}); '
+            f'convert it to {major}') for p in pairs if p.hr.fmt != major
     ]
     return [p for p in pairs if p.hr.fmt == major], problems
 
@@ -614,11 +652,12 @@ def write_pair(pair, split_dir, scale, crop, compress_level):
         for x in crop_positions(lr_w * scale, crop_size, step, thresh_size):
             index += 1
             sub_key = f'{pair.key}_s{index:03d}'
-            _write_png(osp.join(split_dir, 'HR_sub', f'{sub_key}.png'),
-                       arrays['HR'][y:y + crop_size, x:x + crop_size], compress_level)
+            _write_png(
+                osp.join(split_dir, 'HR_sub', f'{sub_key}.png'), arrays['HR'][y:y + crop_size, x:x + crop_size],
+                compress_level)
             ly, lx, lc = y // scale, x // scale, crop_size // scale
-            _write_png(osp.join(split_dir, 'LR_sub', f'{sub_key}.png'), arrays['LR'][ly:ly + lc, lx:lx + lc],
-                       compress_level)
+            _write_png(
+                osp.join(split_dir, 'LR_sub', f'{sub_key}.png'), arrays['LR'][ly:ly + lc, lx:lx + lc], compress_level)
             sub_keys.append(sub_key)
     return sub_keys
 
@@ -793,8 +832,10 @@ def main(argv=None):
     prefix = osp.basename(plan.output)
     stale = [n for n in _siblings(plan.output) if n.startswith((prefix + '.tmp-', prefix + '.old-'))]
     if stale:
-        print(f'note: {", ".join(stale)} next to {plan.output}: left by an interrupted run (unfinished output or '
-              'a replaced old one); delete it when no other run is active', file=sys.stderr)
+        print(
+            f'note: {", ".join(stale)} next to {plan.output}: left by an interrupted run (unfinished output or '
+            'a replaced old one); delete it when no other run is active',
+            file=sys.stderr)
 
     # 1) pair by name, 2) decode and check every pair, 3) check formats across the whole set.
     problems, pairs = [], []
@@ -821,12 +862,15 @@ def main(argv=None):
             note = f'Nothing was written; {plan.output} is untouched.'
         print_summary(plan, pairs_by_split, problems, False, note)
         if empty:
-            print(f'error: no valid pairs in split(s) {", ".join(empty)}; check the input folders and patterns',
-                  file=sys.stderr)
+            print(
+                f'error: no valid pairs in split(s) {", ".join(empty)}; check the input folders and patterns',
+                file=sys.stderr)
             return 1
         if problems and not args.skip_bad:
-            print(f'error: {len(problems)} problem(s) found (listed above). Fix or remove those files, or rerun '
-                  f'with --skip-bad to write the {len(good)} valid pairs.', file=sys.stderr)
+            print(
+                f'error: {len(problems)} problem(s) found (listed above). Fix or remove those files, or rerun '
+                f'with --skip-bad to write the {len(good)} valid pairs.',
+                file=sys.stderr)
             return 1
         return 0
 
@@ -848,7 +892,9 @@ def main(argv=None):
                 split_pairs = pairs_by_split[split]
                 sub_lists = run_parallel(
                     lambda p, d=split_dir, c=crop: write_pair(p, d, plan.scale, c, args.compress_level),
-                    split_pairs, args.workers, f'Write {split}')
+                    split_pairs,
+                    args.workers,
+                    f'Write {split}')
                 for pair, sub_keys in zip(split_pairs, sub_lists):
                     pair.sub_keys = sub_keys
                 if args.lmdb:
@@ -861,8 +907,9 @@ def main(argv=None):
         except (KeyboardInterrupt, Interrupted) as err:
             shutil.rmtree(tmp_root, ignore_errors=True)
             signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-            print(f'\ninterrupted ({signal.Signals(signum).name}); removed {tmp_root}; {plan.output} is untouched',
-                  file=sys.stderr)
+            print(
+                f'\ninterrupted ({signal.Signals(signum).name}); removed {tmp_root}; {plan.output} is untouched',
+                file=sys.stderr)
             return 128 + signum
         except BaseException:
             shutil.rmtree(tmp_root, ignore_errors=True)

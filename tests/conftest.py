@@ -36,35 +36,88 @@ def tiny_train_opt(data_root, name='tiny_d2c', phases=(('divergence', 4), ('conv
         'manual_seed': 0,
         'datasets': {
             'train': {
-                'name': 'tiny', 'type': 'PairedImageDataset',
+                'name': 'tiny',
+                'type': 'PairedImageDataset',
                 'dataroot_gt': os.path.join(data_root, 'train', 'HR'),
                 'dataroot_lq': os.path.join(data_root, 'train', 'LR'),
-                'io_backend': {'type': 'disk'}, 'gt_size': 16, 'use_hflip': True, 'use_rot': True,
-                'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1,
+                'io_backend': {
+                    'type': 'disk'
+                },
+                'gt_size': 16,
+                'use_hflip': True,
+                'use_rot': True,
+                'num_worker_per_gpu': 0,
+                'batch_size_per_gpu': 2,
+                'dataset_enlarge_ratio': 1,
             },
             'val': {
-                'name': 'tinyval', 'type': 'PairedImageDataset',
+                'name': 'tinyval',
+                'type': 'PairedImageDataset',
                 'dataroot_gt': os.path.join(data_root, 'val', 'HR'),
                 'dataroot_lq': os.path.join(data_root, 'val', 'LR'),
-                'io_backend': {'type': 'disk'},
+                'io_backend': {
+                    'type': 'disk'
+                },
             },
         },
-        'network_g': {'type': 'D2CNet', 'num_feat': 8, 'num_group': 1, 'num_block': 1, 'reduction': 4, 'upscale': 4},
-        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'network_g': {
+            'type': 'D2CNet',
+            'num_feat': 8,
+            'num_group': 1,
+            'num_block': 1,
+            'reduction': 4,
+            'upscale': 4
+        },
+        'path': {
+            'pretrain_network_g': None,
+            'strict_load_g': True,
+            'resume_state': None
+        },
         'train': {
             'ema_decay': 0,
             'total_iter': sum(iters for _, iters in phases),
             'warmup_iter': -1,
-            'optim_g': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.9, 0.999]},
-            'scheduler': {'type': 'MultiStepLR', 'milestones': [2], 'gamma': 0.5},
-            'phases': [{'name': n, 'iters': i} for n, i in phases],
-            'divergence_opt': {'type': 'DivergenceLoss', 'alpha': 0.1},
-            'alpha_schedule': {'start_iter': 2},
-            'pixel_opt': {'type': 'ConvergenceLoss'},
+            'optim_g': {
+                'type': 'Adam',
+                'lr': 1e-3,
+                'betas': [0.9, 0.999]
+            },
+            'scheduler': {
+                'type': 'MultiStepLR',
+                'milestones': [2],
+                'gamma': 0.5
+            },
+            'phases': [{
+                'name': n,
+                'iters': i
+            } for n, i in phases],
+            'divergence_opt': {
+                'type': 'DivergenceLoss',
+                'alpha': 0.1
+            },
+            'alpha_schedule': {
+                'start_iter': 2
+            },
+            'pixel_opt': {
+                'type': 'ConvergenceLoss'
+            },
         },
-        'val': {'val_freq': 3, 'save_img': False,
-                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
-        'logger': {'print_freq': 1, 'save_checkpoint_freq': 3, 'use_tb_logger': False},
+        'val': {
+            'val_freq': 3,
+            'save_img': False,
+            'metrics': {
+                'psnr': {
+                    'type': 'calculate_psnr',
+                    'crop_border': 4,
+                    'test_y_channel': True
+                }
+            }
+        },
+        'logger': {
+            'print_freq': 1,
+            'save_checkpoint_freq': 3,
+            'use_tb_logger': False
+        },
     }
     for key, value in overrides.items():
         opt[key] = value
@@ -107,11 +160,22 @@ def demo_run(tmp_path_factory):
     import subprocess
     root = tmp_path_factory.mktemp('demo')
     opt = os.path.join(REPO_ROOT, 'options', 'demo_D2C_x4.yml')
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'scripts', 'demo.py'), '--iters-scale',
-                             str(DEMO_TEST_ITERS_SCALE), '--opt', opt], cwd=str(root), capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run([
+        sys.executable,
+        os.path.join(REPO_ROOT, 'scripts', 'demo.py'), '--iters-scale',
+        str(DEMO_TEST_ITERS_SCALE), '--opt', opt
+    ],
+                            cwd=str(root),
+                            capture_output=True,
+                            text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return {'root': root, 'stdout': result.stdout, 'stderr': result.stderr, 'opt': opt,
-            'model': str(root / 'experiments' / 'demo_D2C_x4' / 'models' / 'net_g_latest.pth'),
-            'lr': str(root / 'datasets' / 'demo_x4' / 'val' / 'LR' / 'chelsea.png'),
-            'hr': str(root / 'datasets' / 'demo_x4' / 'val' / 'HR' / 'chelsea.png')}
+    return {
+        'root': root,
+        'stdout': result.stdout,
+        'stderr': result.stderr,
+        'opt': opt,
+        'model': str(root / 'experiments' / 'demo_D2C_x4' / 'models' / 'net_g_latest.pth'),
+        'lr': str(root / 'datasets' / 'demo_x4' / 'val' / 'LR' / 'chelsea.png'),
+        'hr': str(root / 'datasets' / 'demo_x4' / 'val' / 'HR' / 'chelsea.png')
+    }

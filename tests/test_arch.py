@@ -5,7 +5,8 @@ import torch
 import yaml
 
 from basicsr.archs import build_network
-from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, is_convergence_key, state_dict_differences
+from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, is_convergence_key
+from d2c_arch.d2c_arch import state_dict_differences
 
 SMALL = dict(num_feat=8, num_group=1, num_block=1, reduction=4)
 
@@ -16,13 +17,17 @@ def conv_params(cin, cout, k=3, bias=True):
 
 def paper_param_count(upscale, feat=64, depth=2, width=2, groups=2, blocks=4, reduction=16):
     """Parameter count of the paper's structure, counted from its description (facts note)."""
-    rcab = 2 * conv_params(feat, feat) + conv_params(feat, feat // reduction, 1) + conv_params(feat // reduction, feat, 1)
+    rcab = 2 * conv_params(feat, feat) + conv_params(feat, feat // reduction, 1) + conv_params(
+        feat // reduction, feat, 1)
     node = groups * (blocks * rcab + conv_params(feat, feat)) + conv_params(feat, feat)
     nodes = sum(width**level for level in range(1, depth + 1))
     leaves = width**depth
     ups = {2: [4], 3: [9], 4: [4, 4], 8: [4, 4, 4]}[upscale]
     tail = sum(conv_params(feat, m * feat) for m in ups) + conv_params(feat, 3)
-    fusion = conv_params(3 * leaves, 64, bias=False) + conv_params(64, 64, bias=False) + conv_params(64, leaves, bias=False)
+    fusion = conv_params(
+        3 * leaves, 64, bias=False) + conv_params(
+            64, 64, bias=False) + conv_params(
+                64, leaves, bias=False)
     return conv_params(3, feat) + nodes * node + leaves * depth * conv_params(feat, feat) + leaves * tail + fusion
 
 
@@ -93,9 +98,11 @@ def test_multi_branch_deep_residual_uses_parent_and_shallow_features():
     net = D2CNet(tree_depth=2, tree_width=2, **SMALL).eval()
     x = torch.rand(1, 3, 4, 4)
     feats = {}
-    hooks = [net.head.register_forward_hook(lambda m, i, o: feats.__setitem__('shallow', o)),
-             net.tree[0][1].register_forward_hook(lambda m, i, o: feats.__setitem__('parent', o)),
-             net.tree[1][3].register_forward_hook(lambda m, i, o: feats.__setitem__('leaf', o))]
+    hooks = [
+        net.head.register_forward_hook(lambda m, i, o: feats.__setitem__('shallow', o)),
+        net.tree[0][1].register_forward_hook(lambda m, i, o: feats.__setitem__('parent', o)),
+        net.tree[1][3].register_forward_hook(lambda m, i, o: feats.__setitem__('leaf', o))
+    ]
     with torch.no_grad():
         branches = net(x, stage='divergence')
         h = net.res_convs[3][0](feats['leaf']) + feats['parent']

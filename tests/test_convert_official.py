@@ -1,4 +1,4 @@
-"""d2c_tools.convert_official / d2c_utils.official_util: the authors' MegEngine checkpoint -> a BasicSR checkpoint for D2CNet.
+"""d2c_tools.convert_official, d2c_utils.official_util: the authors' checkpoint -> a BasicSR checkpoint for D2CNet.
 
 The real released file is not available here. These tests build checkpoints in the authors'
 layout two independent ways: from D2CNet through ``export_official`` (round trip), and from the
@@ -92,8 +92,12 @@ def random_official(scale, seed=0, **layout):
     sd_d = sds[0]
     mean = np.array(DIV2K_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
     eye = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1)
-    sd_d.update({'sub_mean.weight': eye.copy(), 'sub_mean.bias': -mean, 'add_mean.weight': eye.copy(),
-                 'add_mean.bias': mean.copy()})
+    sd_d.update({
+        'sub_mean.weight': eye.copy(),
+        'sub_mean.bias': -mean,
+        'add_mean.weight': eye.copy(),
+        'add_mean.bias': mean.copy()
+    })
     return sd_d, sds[1]
 
 
@@ -112,8 +116,8 @@ def _node(x, sd, node, ng, nb):
         for b in range(nb):
             p = f'body{node}.{g}.body.{b}.body'
             y = _conv(F.relu(_conv(r, sd, f'{p}.0')), sd, f'{p}.2')
-            att = torch.sigmoid(_conv(F.relu(_conv(y.mean((2, 3), keepdim=True), sd, f'{p}.3.conv_du.0')), sd,
-                                      f'{p}.3.conv_du.2'))
+            att = torch.sigmoid(
+                _conv(F.relu(_conv(y.mean((2, 3), keepdim=True), sd, f'{p}.3.conv_du.0')), sd, f'{p}.3.conv_du.2'))
             r = y * att + r
         h = _conv(r, sd, f'body{node}.{g}.body.{nb}') + h
     return _conv(h, sd, f'body{node}.{ng}')
@@ -195,22 +199,33 @@ def test_export_matches_the_authors_layout_from_the_facts_note():
     np.testing.assert_array_equal(sd_d['sub_mean.bias'].ravel(), -np.float32(DIV2K_MEAN))
 
 
-@pytest.mark.parametrize('scale, protocol, channel_order, small', [
-    (4, pickle.DEFAULT_PROTOCOL, 'rgb', False),  # the paper's x4 network
-    (2, 2, 'rgb', True),  # protocol 2 pickles bytes through _codecs.encode
-    (3, 5, 'bgr', True),  # protocol 5 uses numpy's _frombuffer
-    (8, 4, 'rgb', True),
-], ids=['x4-paper', 'x2-proto2', 'x3-proto5-bgr', 'x8'])
+@pytest.mark.parametrize(
+    'scale, protocol, channel_order, small',
+    [
+        (4, pickle.DEFAULT_PROTOCOL, 'rgb', False),  # the paper's x4 network
+        (2, 2, 'rgb', True),  # protocol 2 pickles bytes through _codecs.encode
+        (3, 5, 'bgr', True),  # protocol 5 uses numpy's _frombuffer
+        (8, 4, 'rgb', True),
+    ],
+    ids=['x4-paper', 'x2-proto2', 'x3-proto5-bgr', 'x8'])
 def test_cli_round_trip_is_bit_identical(tmp_path, capsys, scale, protocol, channel_order, small):
     torch.manual_seed(scale)
     layout = dict(num_feat=16, num_group=1, num_block=2, reduction=4) if small else {}
     rgb_mean = RGB_MEAN_OF_CONVERTED if channel_order == 'rgb' else list(DIV2K_MEAN)
     net = D2CNet(upscale=scale, rgb_mean=rgb_mean, **layout).eval()
     sd_d, sd_c = co.export_official(net.state_dict(), channel_order=channel_order)
-    src = write_pickle(tmp_path / 'checkpoint.pkl', {'state_dict_D': sd_d, 'state_dict_C': sd_c, 'epoch': 7,
-                                                     'optimizer_D': {'lr': 1e-4}}, protocol)
-    argv = [src, tmp_path / 'out' / 'net.pth', '--opt-out', tmp_path / 'net.yml', '--channel-order', channel_order,
-            '--scale', scale]
+    src = write_pickle(tmp_path / 'checkpoint.pkl', {
+        'state_dict_D': sd_d,
+        'state_dict_C': sd_c,
+        'epoch': 7,
+        'optimizer_D': {
+            'lr': 1e-4
+        }
+    }, protocol)
+    argv = [
+        src, tmp_path / 'out' / 'net.pth', '--opt-out', tmp_path / 'net.yml', '--channel-order', channel_order,
+        '--scale', scale
+    ]
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 0, err
     assert "ignored top-level entries (not needed for inference): 'epoch', 'optimizer_D'" in out
@@ -256,8 +271,7 @@ def test_scale_is_read_from_the_tails(scale):
     sd_d, sd_c = random_official(scale, nf=8, ng=1, nb=1, reduction=4)
     _, net_opt, notes = co.convert_state_dicts(sd_d, sd_c)
     assert net_opt['upscale'] == scale
-    assert notes['layout'] == dict(num_feat=8, num_group=1, num_block=1, reduction=4, upscale=scale,
-                                   num_fusion_feat=64)
+    assert notes['layout'] == dict(num_feat=8, num_group=1, num_block=1, reduction=4, upscale=scale, num_fusion_feat=64)
     x = torch.rand(1, 3, 4, 5)
     with torch.no_grad():
         ref_branches, ref_fused = reference_forward(sd_d, sd_c, x, scale, ng=1, nb=1)
@@ -314,8 +328,19 @@ def test_each_leaf_uses_its_residual_convs_and_parent():
         branches, _ = probe.run(_edit(sd_d, f'res_conv{k}.', 'perturb', seed=k))
         assert probe.changed(base, branches) == [(k - 1) // 2], f'res_conv{k}'
     # tree nodes: body1 feeds leaves 11, 12; body2 leaves 21, 22; a leaf node only its branch
-    expected = {'body1.': [0, 1], 'body2.': [2, 3], 'body11.': [0], 'body12.': [1], 'body21.': [2], 'body22.': [3],
-                'head.': [0, 1, 2, 3], 'tail11.': [0], 'tail12.': [1], 'tail21.': [2], 'tail22.': [3]}
+    expected = {
+        'body1.': [0, 1],
+        'body2.': [2, 3],
+        'body11.': [0],
+        'body12.': [1],
+        'body21.': [2],
+        'body22.': [3],
+        'head.': [0, 1, 2, 3],
+        'tail11.': [0],
+        'tail12.': [1],
+        'tail21.': [2],
+        'tail22.': [3]
+    }
     for prefix, branches_hit in expected.items():
         branches, _ = probe.run(_edit(sd_d, prefix, 'perturb'))
         assert probe.changed(base, branches) == branches_hit, prefix
@@ -392,23 +417,25 @@ def _variant(sd_d, sd_c, change):
     return {'state_dict_D': sd_d, 'state_dict_C': sd_c}
 
 
-@pytest.mark.parametrize('change, needles', [
-    (lambda d, c: d.update({'body3.0.weight': np.zeros((8, 8, 3, 3), np.float32)}),
-     ['1 checkpoint key(s) match no D2CNet parameter', 'state_dict_D[body3.0.weight]']),
-    (lambda d, c: d.pop('res_conv5.bias'),
-     ['1 D2CNet parameter(s) not in the checkpoint', 'state_dict_D[res_conv5.bias] (for res_convs.2.0.bias)']),
-    (lambda d, c: c.pop('fusion_final.2.conv.weight'),
-     ['state_dict_C[fusion_final.2.conv.weight] (for convergence.4.weight)']),
-    (lambda d, c: d.update({'tail12.1.weight': np.zeros((3, 8, 5, 5), np.float32)}),
-     ['state_dict_D[tail12.1.weight] (3, 8, 5, 5) vs D2CNet tails.1.1.weight (3, 8, 3, 3)']),
-    (lambda d, c: d.update({'tail11.0.2.weight': np.zeros((16, 8, 3, 3), np.float32)}),
-     ['cannot tell the scale from the upsampler of tail11']),
-    (lambda d, c: d.update({'head.0.bias': np.zeros((1, 8, 1, 1), np.int64)}),
-     ["state_dict_D['head.0.bias'] is an array of int64"]),
-    (lambda d, c: d.pop('sub_mean.bias'), ["state_dict_D has no 'sub_mean.bias'"]),
-    (lambda d, c: d.update({'body21.1.bias': np.full((1, 8, 1, 1), np.nan, np.float32)}),
-     ['1 array(s) hold NaN or inf values: body21.1.bias']),
-], ids=['leftover', 'missing', 'missing-C', 'shape', 'scale', 'dtype', 'mean-missing', 'nan'])
+@pytest.mark.parametrize(
+    'change, needles', [
+        (lambda d, c: d.update({'body3.0.weight': np.zeros((8, 8, 3, 3), np.float32)}),
+         ['1 checkpoint key(s) match no D2CNet parameter', 'state_dict_D[body3.0.weight]']),
+        (lambda d, c: d.pop('res_conv5.bias'),
+         ['1 D2CNet parameter(s) not in the checkpoint', 'state_dict_D[res_conv5.bias] (for res_convs.2.0.bias)']),
+        (lambda d, c: c.pop('fusion_final.2.conv.weight'),
+         ['state_dict_C[fusion_final.2.conv.weight] (for convergence.4.weight)']),
+        (lambda d, c: d.update({'tail12.1.weight': np.zeros((3, 8, 5, 5), np.float32)}),
+         ['state_dict_D[tail12.1.weight] (3, 8, 5, 5) vs D2CNet tails.1.1.weight (3, 8, 3, 3)']),
+        (lambda d, c: d.update({'tail11.0.2.weight': np.zeros(
+            (16, 8, 3, 3), np.float32)}), ['cannot tell the scale from the upsampler of tail11']),
+        (lambda d, c: d.update({'head.0.bias': np.zeros(
+            (1, 8, 1, 1), np.int64)}), ["state_dict_D['head.0.bias'] is an array of int64"]),
+        (lambda d, c: d.pop('sub_mean.bias'), ["state_dict_D has no 'sub_mean.bias'"]),
+        (lambda d, c: d.update({'body21.1.bias': np.full(
+            (1, 8, 1, 1), np.nan, np.float32)}), ['1 array(s) hold NaN or inf values: body21.1.bias']),
+    ],
+    ids=['leftover', 'missing', 'missing-C', 'shape', 'scale', 'dtype', 'mean-missing', 'nan'])
 def test_bad_state_dicts(tmp_path, capsys, small_official, change, needles):
     src = write_pickle(tmp_path / 'bad.pkl', _variant(*small_official, change))
     rc, _, err = run_cli(capsys, src, tmp_path / 'bad.pth')
@@ -416,13 +443,24 @@ def test_bad_state_dicts(tmp_path, capsys, small_official, change, needles):
     assert not (tmp_path / 'bad.pth').exists()
 
 
-@pytest.mark.parametrize('obj, needles', [
-    ([1, 2], ['the top level is a list']),
-    ({'state_dict_D': {}}, ["missing 'state_dict_C'"]),
-    ({'params': {}}, ['BasicSR checkpoint']),
-    ({'head.0.weight': np.zeros(1, np.float32)}, ['bare D_Net state dict']),
-    ({'state_dict_D': [1], 'state_dict_C': {}}, ['state_dict_D is a list']),
-], ids=['list', 'no-C', 'basicsr', 'bare', 'not-dict'])
+@pytest.mark.parametrize(
+    'obj, needles', [
+        ([1, 2], ['the top level is a list']),
+        ({
+            'state_dict_D': {}
+        }, ["missing 'state_dict_C'"]),
+        ({
+            'params': {}
+        }, ['BasicSR checkpoint']),
+        ({
+            'head.0.weight': np.zeros(1, np.float32)
+        }, ['bare D_Net state dict']),
+        ({
+            'state_dict_D': [1],
+            'state_dict_C': {}
+        }, ['state_dict_D is a list']),
+    ],
+    ids=['list', 'no-C', 'basicsr', 'bare', 'not-dict'])
 def test_bad_top_level(tmp_path, capsys, obj, needles):
     rc, _, err = run_cli(capsys, write_pickle(tmp_path / 'x.pkl', obj), tmp_path / 'x.pth')
     assert_one_line_error(rc, err, *needles)
@@ -437,8 +475,9 @@ def test_usage_errors(tmp_path, capsys, small_official):
     assert_one_line_error(*run_cli(capsys, src, tmp_path / 'exists.pth')[::2], 'exists', '--force')
     assert_one_line_error(*run_cli(capsys, src, tmp_path / 'o.pth', '--template', 'x.yml')[::2], '--opt-out')
     template = os.path.join(REPO_ROOT, 'options', 'test_D2C_RealSR_x2.yml')
-    assert_one_line_error(*run_cli(capsys, src, tmp_path / 'o.pth', '--opt-out', tmp_path / 'o.yml', '--template',
-                                   template)[::2], 'scale 2', 'x4')
+    assert_one_line_error(
+        *run_cli(capsys, src, tmp_path / 'o.pth', '--opt-out', tmp_path / 'o.yml', '--template', template)[::2],
+        'scale 2', 'x4')
     assert not (tmp_path / 'o.pth').exists()
 
 
@@ -462,6 +501,7 @@ def test_template_gives_a_complete_test_option_file(tmp_path, capsys, small_offi
 # 5. No code from the file runs
 # ----------------------------------------------------------------------------------------------
 class _RunsCommand:
+
     def __init__(self, func, arg):
         self.func, self.arg = func, arg
 
@@ -481,8 +521,12 @@ def test_malicious_pickle_is_refused_before_anything_runs(tmp_path, capsys, func
 
 
 def test_torch_pickles_are_refused(tmp_path, capsys):
-    plain = write_pickle(tmp_path / 'torch_plain.pkl', {'state_dict_D': {'head.0.weight': torch.zeros(2)},
-                                                        'state_dict_C': {}})
+    plain = write_pickle(tmp_path / 'torch_plain.pkl', {
+        'state_dict_D': {
+            'head.0.weight': torch.zeros(2)
+        },
+        'state_dict_C': {}
+    })
     rc, _, err = run_cli(capsys, plain, tmp_path / 'o.pth')
     assert_one_line_error(rc, err, "refused global 'torch.", 'PyTorch pickle')
 

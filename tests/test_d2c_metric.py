@@ -129,8 +129,9 @@ def test_ssim_matches_the_definition_on_random_images():
     rgb = np.mean([_naive_ssim(x[..., c], y[..., c]) for c in range(3)])
     assert calculate_ssim_d2c(img, img2, test_y_channel=False) == pytest.approx(rgb, abs=1e-12)
     assert calculate_ssim_d2c(img, img2) == pytest.approx(_naive_ssim(x @ WEIGHTS, y @ WEIGHTS), abs=1e-12)
-    assert calculate_ssim_d2c(img, img2, luma='bt601') == pytest.approx(
-        _naive_ssim(x @ WEIGHTS[::-1], y @ WEIGHTS[::-1]), abs=1e-12)
+    assert calculate_ssim_d2c(
+        img, img2, luma='bt601') == pytest.approx(
+            _naive_ssim(x @ WEIGHTS[::-1], y @ WEIGHTS[::-1]), abs=1e-12)
 
 
 def test_ssim_does_not_shave_unless_asked():

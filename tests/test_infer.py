@@ -17,8 +17,15 @@ from d2c_tools import infer
 from d2c_utils.eval_util import oracle_fusion
 from d2c_utils.tile_util import run_network, super_resolve, tile_boxes
 
-TINY = {'type': 'D2CNet', 'num_feat': 8, 'num_group': 1, 'num_block': 1, 'reduction': 4, 'upscale': 4,
-        'num_fusion_feat': 8}
+TINY = {
+    'type': 'D2CNet',
+    'num_feat': 8,
+    'num_group': 1,
+    'num_block': 1,
+    'reduction': 4,
+    'upscale': 4,
+    'num_fusion_feat': 8
+}
 
 
 def make_net(seed=0, **overrides):
@@ -67,8 +74,8 @@ def exact_fp32(monkeypatch):
     """These tests compare d2c-infer's files with fp32 forwards computed here, so they pin fp32 NCHW;
     the reduced-precision default (bf16 on CPUs that have it) is tested in test_precision.py."""
     main = infer.main
-    monkeypatch.setattr(infer, 'main', lambda argv=None: main(list(argv) + ['--precision', 'fp32',
-                                                                            '--no-channels-last']))
+    monkeypatch.setattr(
+        infer, 'main', lambda argv=None: main(list(argv) + ['--precision', 'fp32', '--no-channels-last']))
 
 
 @pytest.fixture(scope='module')
@@ -176,13 +183,19 @@ def test_outscale_suffix_and_ext(tmp_path, model):
     write(tmp_path / 'a.png', smooth_image(8, 10, 3))
     write(tmp_path / 'b.png', smooth_image(8, 10, 4))
     out = tmp_path / 'out'
-    code = infer.main(['-i', str(tmp_path / 'a.png'), '-o', str(out), '--model', pth, '--opt', yml, '-s', '2',
-                       '--suffix', 'x2', '--ext', 'jpg', '-q'])
+    code = infer.main([
+        '-i',
+        str(tmp_path / 'a.png'), '-o',
+        str(out), '--model', pth, '--opt', yml, '-s', '2', '--suffix', 'x2', '--ext', 'jpg', '-q'
+    ])
     assert code == 0
     assert read(out / 'a_x2.jpg').shape == (16, 20, 3)
     # JPEG has no alpha channel: RGBA outputs fall back to PNG
-    assert infer.main(['-i', str(tmp_path / 'b.png'), '-o', str(out), '--model', pth, '--opt', yml, '--ext', 'jpg',
-                       '--suffix', '', '-q']) == 0
+    assert infer.main([
+        '-i',
+        str(tmp_path / 'b.png'), '-o',
+        str(out), '--model', pth, '--opt', yml, '--ext', 'jpg', '--suffix', '', '-q'
+    ]) == 0
     assert read(out / 'b.png').shape == (32, 40, 4)
 
 
@@ -190,8 +203,11 @@ def test_branch_and_weight_pictures(tmp_path, model):
     pth, yml, _ = model
     write(tmp_path / 'cat.png', smooth_image(9, 11, 3))
     out = tmp_path / 'out'
-    assert infer.main(['-i', str(tmp_path / 'cat.png'), '-o', str(out), '--model', pth, '--opt', yml,
-                       '--save-branches', '--save-weights', '-q']) == 0
+    assert infer.main([
+        '-i',
+        str(tmp_path / 'cat.png'), '-o',
+        str(out), '--model', pth, '--opt', yml, '--save-branches', '--save-weights', '-q'
+    ]) == 0
     for i in range(1, 5):
         assert read(out / f'cat_branch{i}.png').shape == (36, 44, 3)
         heat = read(out / f'cat_weight{i}.png')
@@ -206,8 +222,9 @@ def test_tiled_cli_matches_untiled_cli(tmp_path, model):
     write(tmp_path / 'p.png', smooth_image(20, 18, 3))
     outs = []
     for name, extra in (('whole', []), ('tiled', ['--tile', '8', '--tile-pad', '12'])):
-        assert infer.main(['-i', str(tmp_path / 'p.png'), '-o', str(tmp_path / name), '--model', pth, '--opt', yml,
-                           '-q'] + extra) == 0
+        assert infer.main(
+            ['-i', str(tmp_path / 'p.png'), '-o',
+             str(tmp_path / name), '--model', pth, '--opt', yml, '-q'] + extra) == 0
         outs.append(read(tmp_path / name / 'p_out.png').astype(int))
     assert np.abs(outs[0] - outs[1]).max() <= 1
 
@@ -224,8 +241,12 @@ def test_reference_metrics_match_basicsr(tmp_path, model):
         hr = smooth_image(48, 40, 3, seed=10 + i)
         write(hr_dir / f'im{i}.png', hr)
         write(lr_dir / f'im{i}.png', cv2.resize(hr, (10, 12), interpolation=cv2.INTER_AREA))
-    assert infer.main(['-i', str(lr_dir), '-o', str(out), '--model', pth, '--opt', yml, '--reference', str(hr_dir),
-                       '--save-branches', '-q']) == 0
+    assert infer.main([
+        '-i',
+        str(lr_dir), '-o',
+        str(out), '--model', pth, '--opt', yml, '--reference',
+        str(hr_dir), '--save-branches', '-q'
+    ]) == 0
     with open(out / 'metrics.csv', newline='') as f:
         rows = {row['image']: row for row in csv.DictReader(f)}
     assert set(rows) == {'im0.png', 'im1.png', 'mean'}
@@ -278,8 +299,10 @@ def test_crafted_pickle_is_refused(tmp_path, capsys, model):
     bad = tmp_path / 'evil.pth'
     torch.save({'params': evil}, str(bad))
     write(tmp_path / 'a.png', smooth_image(6, 6, 3))
-    code, text = run_cli(capsys, ['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--model', str(bad),
-                                  '--opt', yml])
+    code, text = run_cli(
+        capsys, ['-i', str(tmp_path / 'a.png'), '-o',
+                 str(tmp_path / 'o'), '--model',
+                 str(bad), '--opt', yml])
     assert code == 2
     assert not marker.exists()
     assert str(bad) in text and 'weights_only' in text and 'refusing' in text
@@ -318,8 +341,8 @@ def test_options_and_checkpoint_mismatch_lists_keys(tmp_path, capsys, model):
     code, text = run_cli(capsys, ['-i', str(tmp_path / 'a.png'), '--model', pth, '--opt', wide_yml])
     assert code == 2
     assert 'tree_width: options 3, checkpoint 2' in text and 'tree_depth: options 1, checkpoint 2' in text
-    assert 'keys only in the checkpoint' in text and 'tree.1.0' in text
-    assert 'keys missing from the checkpoint' in text and 'tree.0.2' in text
+    assert 'not in the network' in text and 'tree.1.0' in text
+    assert 'missing in the checkpoint' in text and 'tree.0.2' in text
 
 
 def test_options_come_from_checkpoint_or_opt(tmp_path, capsys, model):
@@ -381,14 +404,20 @@ def test_non_ascii_paths(tmp_path, model):
 def test_fp16_on_cpu_is_ignored_with_a_warning(tmp_path, capsys, model):
     pth, yml, _ = model
     write(tmp_path / 'a.png', smooth_image(6, 6, 3))
-    code, text = run_cli(capsys, ['-i', str(tmp_path / 'a.png'), '-o', str(tmp_path / 'o'), '--model', pth, '--opt',
-                                  yml, '--fp16', '--device', 'cpu'])
+    code, text = run_cli(capsys, [
+        '-i',
+        str(tmp_path / 'a.png'), '-o',
+        str(tmp_path / 'o'), '--model', pth, '--opt', yml, '--fp16', '--device', 'cpu'
+    ])
     assert code == 0 and '--fp16 needs CUDA' in text
 
 
 def test_help(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'd2c_tools.infer', '--help'], capture_output=True, text=True,
-                         cwd=str(tmp_path), timeout=120)
+    res = subprocess.run([sys.executable, '-m', 'd2c_tools.infer', '--help'],
+                         capture_output=True,
+                         text=True,
+                         cwd=str(tmp_path),
+                         timeout=120)
     assert res.returncode == 0
     for flag in ('--input', '--output', '--outscale', '--suffix', '--ext', '--tile', '--tile-pad', '--pre-pad',
                  '--fp16', '--save-branches', '--save-weights', '--reference', '--param-key', '--opt'):

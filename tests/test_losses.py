@@ -43,7 +43,8 @@ def reference_triplet(branches, gt, beta, margin, variant):
 
     def luma(img):  # (..., 3, H, W)
         if variant == 'paper':
-            return 65.481 / 255 * img[..., 0, :, :] + 128.553 / 255 * img[..., 1, :, :] + 24.966 / 255 * img[..., 2, :, :]
+            return 65.481 / 255 * img[..., 0, :, :] + 128.553 / 255 * img[..., 1, :, :] + 24.966 / 255 * img[...,
+                                                                                                             2, :, :]
         return img.mean(axis=-3)
 
     def standardise(y, axes):
@@ -135,8 +136,15 @@ def test_triplet_term_reaches_the_gradients():
 
 
 def test_build_from_yaml_dicts_and_convergence_loss():
-    div = build_loss({'type': 'DivergenceLoss', 'alpha': 2e-5, 'theta': 0.8, 'margin': [5e-5, 2e-5],
-                      'tree_depth': 2, 'tree_width': 2, 'variant': 'release'})
+    div = build_loss({
+        'type': 'DivergenceLoss',
+        'alpha': 2e-5,
+        'theta': 0.8,
+        'margin': [5e-5, 2e-5],
+        'tree_depth': 2,
+        'tree_width': 2,
+        'variant': 'release'
+    })
     assert isinstance(div, DivergenceLoss) and div.variant == 'release'
     conv = build_loss({'type': 'ConvergenceLoss', 'loss_weight': 2.0})
     assert isinstance(conv, ConvergenceLoss)

@@ -21,9 +21,12 @@ def in_process_opt(tmp_path, data_root, phases, **train_overrides):
     opt['train'].update(train_overrides)
     opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False, root_path=str(tmp_path))
     exp = tmp_path / 'experiments' / opt['name']
-    opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'),
-                       training_states=str(exp / 'training_states'), log=str(exp),
-                       visualization=str(exp / 'visualization'))
+    opt['path'].update(
+        experiments_root=str(exp),
+        models=str(exp / 'models'),
+        training_states=str(exp / 'training_states'),
+        log=str(exp),
+        visualization=str(exp / 'visualization'))
     return opt
 
 
@@ -131,8 +134,11 @@ LOG_LINE = re.compile(r'iter:\s*([\d,]+), lr:\(([\d.e+-]+),\)\].*phase: (\w+)')
 
 
 def train(tmp_path, yml, *extra):
-    result = subprocess.run([sys.executable, '-m', 'd2c_model.train', '-opt', yml, *extra], cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, '-m', 'd2c_model.train', '-opt', yml, *extra],
+                            cwd=str(tmp_path),
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -150,8 +156,13 @@ def state_summary(path):
     state = torch.load(path, map_location='cpu', weights_only=False)
     steps = [sorted({float(s['step']) for s in o['state'].values()}) for o in state['optimizers']]
     lrs = [[g['lr'] for g in o['param_groups']] for o in state['optimizers']]
-    return dict(iter=state['iter'], steps=steps, lrs=lrs, last_epochs=[s['last_epoch'] for s in state['schedulers']],
-                phase=state['d2c']['phase_name'], alpha=state['d2c']['alpha'])
+    return dict(
+        iter=state['iter'],
+        steps=steps,
+        lrs=lrs,
+        last_epochs=[s['last_epoch'] for s in state['schedulers']],
+        phase=state['d2c']['phase_name'],
+        alpha=state['d2c']['alpha'])
 
 
 @pytest.fixture(scope='module')
@@ -187,8 +198,9 @@ def test_end_to_end_training_writes_checkpoints_and_logs_validation(trained_run)
     assert not [f for f in os.listdir(exp / 'training_states') if not f.endswith('.state')]  # no temp files left
 
 
-@pytest.mark.parametrize('stop_at,how', [(2, 'auto_resume'), (4, 'auto_resume'), (3, 'resume_state')],
-                         ids=['mid-phase', 'phase-boundary', 'path.resume_state'])
+@pytest.mark.parametrize(
+    'stop_at,how', [(2, 'auto_resume'), (4, 'auto_resume'), (3, 'resume_state')],
+    ids=['mid-phase', 'phase-boundary', 'path.resume_state'])
 def test_resume_continues_like_the_uninterrupted_run(trained_run, stop_at, how):
     tmp_path, opt = trained_run
     full = tmp_path / 'experiments' / 'full'
@@ -229,15 +241,32 @@ def test_stock_srmodel_scores_a_d2c_checkpoint_like_d2cmodel(trained_run):
     for model_type in ('SRModel', 'D2CModel'):
         name = f'test_{model_type}'
         test_opt = {
-            'name': name, 'model_type': model_type, 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
-            'datasets': {'test_1': dict(opt['datasets']['val'], name='tinytest')},
+            'name': name,
+            'model_type': model_type,
+            'scale': 4,
+            'num_gpu': 0,
+            'manual_seed': 0,
+            'datasets': {
+                'test_1': dict(opt['datasets']['val'], name='tinytest')
+            },
             'network_g': opt['network_g'],
-            'path': {'pretrain_network_g': ckpt, 'strict_load_g': True, 'param_key_g': 'params'},
-            'val': {'save_img': True, 'suffix': None, 'metrics': opt['val']['metrics']},
+            'path': {
+                'pretrain_network_g': ckpt,
+                'strict_load_g': True,
+                'param_key_g': 'params'
+            },
+            'val': {
+                'save_img': True,
+                'suffix': None,
+                'metrics': opt['val']['metrics']
+            },
         }
         yml = write_yaml(tmp_path / f'{name}.yml', test_opt)
-        result = subprocess.run([sys.executable, '-m', 'd2c_model.test', '-opt', yml], cwd=str(tmp_path),
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run([sys.executable, '-m', 'd2c_model.test', '-opt', yml],
+                                cwd=str(tmp_path),
+                                capture_output=True,
+                                text=True,
+                                timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         results = tmp_path / 'results' / name
         log = open(next(results / f for f in os.listdir(results) if f.endswith('.log'))).read()
@@ -248,8 +277,12 @@ def test_stock_srmodel_scores_a_d2c_checkpoint_like_d2cmodel(trained_run):
 
 @pytest.mark.parametrize('precision,channels_last', [('bf16', True), ('bf16', False), ('fp32', True)])
 def test_reduced_precision_and_channels_last_training(tmp_path, tiny_data, precision, channels_last):
-    model = build_model(in_process_opt(tmp_path, tiny_data, (('divergence', 2), ('convergence', 2)),
-                                       precision=precision, channels_last=channels_last))
+    model = build_model(
+        in_process_opt(
+            tmp_path,
+            tiny_data, (('divergence', 2), ('convergence', 2)),
+            precision=precision,
+            channels_last=channels_last))
     assert model.train_amp_dtype == (torch.bfloat16 if precision == 'bf16' else None)
     conv_before = snapshot(model, convergence=True)
     run_iters(model, 1, 2)

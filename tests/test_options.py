@@ -27,17 +27,16 @@ def load_like_basicsr(path, tmp_path):
         dataset['phase'] = phase.split('_')[0]
         dataset['scale'] = opt['scale']
     root = str(tmp_path / 'experiments' / opt['name'])
-    opt['path'].update(experiments_root=root, results_root=root, models=root, training_states=root, log=root,
-                       visualization=root)
+    opt['path'].update(
+        experiments_root=root, results_root=root, models=root, training_states=root, log=root, visualization=root)
     opt['path']['pretrain_network_g'] = None  # the checkpoints do not exist here
     return opt
 
 
 def test_all_expected_option_files_exist():
     names = {os.path.basename(p) for p in OPTION_FILES}
-    expected = {f'train_D2C_RealSR_x{s}.yml' for s in (2, 3, 4)} | {'train_D2C_RealSR_x4_lmdb.yml',
-                                                                      'train_D2C_D2CRealSR_x8.yml',
-                                                                      'demo_D2C_x4.yml'}
+    expected = {f'train_D2C_RealSR_x{s}.yml'
+                for s in (2, 3, 4)} | {'train_D2C_RealSR_x4_lmdb.yml', 'train_D2C_D2CRealSR_x8.yml', 'demo_D2C_x4.yml'}
     expected |= {f'test_D2C_{ds}_x{s}.yml' for ds in ('RealSR', 'DRealSR') for s in (2, 3, 4)}
     assert expected <= names
 

@@ -148,8 +148,8 @@ def test_fp32_and_healthy_outputs_are_not_recomputed():
 def test_fallback_inside_tiled_super_resolve_covers_every_tile():
     net, warnings = FakeSR(broken='nan'), []
     x = gray_input().repeat(1, 1, 3, 3)  # 18x24, 6 tiles of 8 (with padding)
-    sr, _, _ = super_resolve(net, x, 2, tile=8, tile_pad=2, forward=GuardedForward(torch.bfloat16,
-                                                                                   warn=warnings.append))
+    sr, _, _ = super_resolve(
+        net, x, 2, tile=8, tile_pad=2, forward=GuardedForward(torch.bfloat16, warn=warnings.append))
     assert torch.isfinite(sr).all() and len(warnings) == 1
     torch.testing.assert_close(sr, F.interpolate(x, scale_factor=2, mode='nearest'))
 

@@ -87,8 +87,11 @@ def leftovers(output):
 
 
 def run_script(*args, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT)
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)],
+                          capture_output=True,
+                          text=True,
+                          timeout=timeout,
+                          cwd=REPO_ROOT)
 
 
 def realsr_args(src, out, *extra):
@@ -137,8 +140,8 @@ def test_layout_names_sizes_and_content(prepared):
     assert sorted(os.listdir(out)) == ['test', 'train']
     assert sorted(os.listdir(out / 'train')) == ['HR', 'HR.lmdb', 'HR_sub', 'LR', 'LR.lmdb', 'LR_sub']
     assert sorted(os.listdir(out / 'test')) == ['HR', 'HR.lmdb', 'LR', 'LR.lmdb']
-    for split, keys in (('train', ['Canon_001', 'Canon_002', 'Canon_003', 'Nikon_001', 'Nikon_002', 'Nikon_003']),
-                        ('test', ['Canon_001', 'Canon_002', 'Nikon_001', 'Nikon_002'])):
+    for split, keys in (('train', ['Canon_001', 'Canon_002', 'Canon_003', 'Nikon_001', 'Nikon_002',
+                                   'Nikon_003']), ('test', ['Canon_001', 'Canon_002', 'Nikon_001', 'Nikon_002'])):
         expected = [f'{k}.png' for k in keys]
         assert sorted(os.listdir(out / split / 'HR')) == expected
         assert sorted(os.listdir(out / split / 'LR')) == expected
@@ -194,8 +197,15 @@ def _batches(gt, lq, backend, gt_size, seed=7):
 
     from basicsr.data.paired_image_dataset import PairedImageDataset
 
-    opt = dict(dataroot_gt=str(gt), dataroot_lq=str(lq), io_backend={'type': backend}, gt_size=gt_size,
-               use_hflip=True, use_rot=True, scale=SCALE, phase='train')
+    opt = dict(
+        dataroot_gt=str(gt),
+        dataroot_lq=str(lq),
+        io_backend={'type': backend},
+        gt_size=gt_size,
+        use_hflip=True,
+        use_rot=True,
+        scale=SCALE,
+        phase='train')
     dataset = PairedImageDataset(opt)
     keys = [osp.splitext(osp.basename(p['gt_path']))[0] for p in dataset.paths]
     # folders come in os.scandir order and LMDBs in sorted key order: line them up by key
@@ -234,8 +244,10 @@ def test_other_presets_and_generic_mode(tmp_path):
         _write(base / f'{split}_HR' / f'DSC_{split}_x1.png', hr)
         _write(base / f'{split}_LR' / f'DSC_{split}_x4.png', hr[::4, ::4])
     out = tmp_path / 'd_out'
-    assert prepare_data.main(['--preset', 'drealsr', '--input', str(tmp_path / 'DRealSR'), '--output', str(out),
-                              '--scale', '4']) == 0
+    assert prepare_data.main(
+        ['--preset', 'drealsr', '--input',
+         str(tmp_path / 'DRealSR'), '--output',
+         str(out), '--scale', '4']) == 0
     assert os.listdir(out / 'train' / 'HR') == ['DSC_train.png'] == os.listdir(out / 'train' / 'LR')
     assert os.listdir(out / 'test' / 'LR') == ['DSC_test.png']
 
@@ -253,11 +265,16 @@ def test_other_presets_and_generic_mode(tmp_path):
     _write(tmp_path / 'g' / 'HR' / 'img1.png', hr)
     _write(tmp_path / 'g' / 'LR' / 'img1_LR4.png', hr[::4, ::4])
     out = tmp_path / 'g_out'
-    common = ['--hr-dir', str(tmp_path / 'g' / 'HR'), '--lr-dir', str(tmp_path / 'g' / 'LR'), '--output', str(out),
-              '--scale', '4']
+    common = [
+        '--hr-dir',
+        str(tmp_path / 'g' / 'HR'), '--lr-dir',
+        str(tmp_path / 'g' / 'LR'), '--output',
+        str(out), '--scale', '4'
+    ]
     assert prepare_data.main([*common, '--split', 'train', '--lr-pattern', '{stem}_LR{scale}.png']) == 0
-    assert prepare_data.main([*common, '--split', 'test', '--hr-regex', r'(?P<key>img\d+)\.png', '--lr-regex',
-                              r'(?P<key>img\d+)_LR4\.png']) == 0
+    assert prepare_data.main(
+        [*common, '--split', 'test', '--hr-regex', r'(?P<key>img\d+)\.png', '--lr-regex',
+         r'(?P<key>img\d+)_LR4\.png']) == 0
     assert os.listdir(out / 'train' / 'LR') == ['img1.png'] == os.listdir(out / 'test' / 'LR')
 
 
@@ -320,14 +337,12 @@ BAD_CASES = {
     # case: (mutation(src), file that must be named, reason that must be given, key that is skipped)
     'lr_size': (lambda s: _write(realsr_file(s, 'Canon_002', 'LR'), np.zeros((15, 16, 3), np.uint8)),
                 'Canon_002_LR4.png', 'size mismatch: LR 16x15 x4 = 64x60 does not match HR 64x64', 'Canon_002'),
-    'no_lr': (lambda s: os.remove(realsr_file(s, 'Nikon_001', 'LR')), 'Nikon_001_HR.png', 'no LR partner',
-              'Nikon_001'),
-    'no_hr': (lambda s: os.remove(realsr_file(s, 'Nikon_002', 'HR')), 'Nikon_002_LR4.png', 'no HR partner',
-              'Nikon_002'),
-    'truncated': (lambda s: _truncate(realsr_file(s, 'Canon_001', 'HR')), 'Canon_001_HR.png', 'truncated',
-                  'Canon_001'),
-    'unreadable': (lambda s: _garbage(realsr_file(s, 'Canon_001', 'LR')), 'Canon_001_LR4.png', 'unreadable',
-                   'Canon_001'),
+    'no_lr': (lambda s: os.remove(realsr_file(s, 'Nikon_001', 'LR')), 'Nikon_001_HR.png', 'no LR partner', 'Nikon_001'),
+    'no_hr':
+    (lambda s: os.remove(realsr_file(s, 'Nikon_002', 'HR')), 'Nikon_002_LR4.png', 'no HR partner', 'Nikon_002'),
+    'truncated': (lambda s: _truncate(realsr_file(s, 'Canon_001', 'HR')), 'Canon_001_HR.png', 'truncated', 'Canon_001'),
+    'unreadable':
+    (lambda s: _garbage(realsr_file(s, 'Canon_001', 'LR')), 'Canon_001_LR4.png', 'unreadable', 'Canon_001'),
     '16bit_in_pair': (lambda s: _reformat(realsr_file(s, 'Canon_002', 'HR'), _to16), 'Canon_002_HR.png',
                       'format mismatch in pair: HR is 16-bit RGB but LR is 8-bit RGB', 'Canon_002'),
     'gray_in_pair': (lambda s: _reformat(realsr_file(s, 'Nikon_002', 'LR'), _gray), 'Nikon_002_LR4.png',
@@ -375,17 +390,17 @@ def test_bad_data_exit_code_of_the_process(tmp_path):
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize('argv,message', [
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}'], '--scale is required for preset realsr'),
-    (['--preset', 'realsr', '--input', '{src}/missing', '--output', '{out}', '--scale', '4'],
-     'missing is not a folder'),
+    (['--preset', 'realsr', '--input', '{src}/missing', '--output', '{out}', '--scale', '4'
+      ], 'missing is not a folder'),
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '8'], '--scale 8 is not available'),
     (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '3'], 'scale folders there: 4'),
-    (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '4', '--crop-size', '30'],
-     '--crop-size 30 must be a positive multiple of --scale 4'),
-    (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '4', '--step', '8'],
-     '--step/--thresh-size need --crop-size'),
+    (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '4', '--crop-size', '30'
+      ], '--crop-size 30 must be a positive multiple of --scale 4'),
+    (['--preset', 'realsr', '--input', '{src}', '--output', '{out}', '--scale', '4', '--step', '8'
+      ], '--step/--thresh-size need --crop-size'),
     (['--hr-dir', '{src}', '--output', '{out}', '--scale', '4'], 'needs both --hr-dir and --lr-dir'),
-    (['--hr-dir', '{src}', '--lr-dir', '{src}', '--output', '{out}', '--scale', '4', '--lr-pattern', '{{name}}.png'],
-     'unknown placeholder {name}'),
+    (['--hr-dir', '{src}', '--lr-dir', '{src}', '--output', '{out}', '--scale', '4', '--lr-pattern', '{{name}}.png'
+      ], 'unknown placeholder {name}'),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, argv, message):
     src, out = tmp_path / 'RealSR(V3)', tmp_path / 'out'
@@ -472,7 +487,9 @@ def test_killed_process_leaves_no_finished_output(tmp_path, sig):
     (out / 'test' / 'old.txt').write_text('old')
     code = KILL_SNIPPET.format(scripts=osp.join(REPO_ROOT, 'scripts'), sig=f'signal.{sig}')
     res = subprocess.run([sys.executable, '-c', code, *realsr_args(src, out, '--split', 'train', '--workers', 1)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True,
+                         text=True,
+                         timeout=120)
     signum = getattr(signal, sig)
     assert sorted(os.listdir(out)) == ['test'] and (out / 'test' / 'old.txt').read_text() == 'old'
     if signum == signal.SIGKILL:

@@ -30,8 +30,9 @@ def test_fresh_interpreter_finds_plugin_through_basicsr_alone():
 
 
 def test_opt_out_environment_variable():
-    result = run_python('import basicsr\nfrom basicsr.utils.registry import ARCH_REGISTRY\n'
-                        'print("D2CNet" in ARCH_REGISTRY)', {'D2C_SR_NO_AUTOLOAD': '1'})
+    result = run_python(
+        'import basicsr\nfrom basicsr.utils.registry import ARCH_REGISTRY\n'
+        'print("D2CNet" in ARCH_REGISTRY)', {'D2C_SR_NO_AUTOLOAD': '1'})
     torchvision_has_legacy = run_python(f'import importlib.util as u; '
                                         f'print(u.find_spec("{d2c_compat.LEGACY_MODULE}") is not None)')
     if torchvision_has_legacy.stdout.strip() == 'True':
@@ -44,11 +45,13 @@ def test_broken_plugin_warns_and_basicsr_still_works(tmp_path):
     broken = tmp_path / 'd2c_losses'
     broken.mkdir()
     (broken / '__init__.py').write_text('raise RuntimeError("simulated breakage")\n')
-    result = run_python('import warnings; warnings.simplefilter("always")\n'
-                        'import basicsr\nfrom basicsr.archs import build_network\n'
-                        'net = build_network({"type": "RCAN", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 16,\n'
-                        '                     "num_group": 1, "num_block": 1, "upscale": 2})\nprint("ok")',
-                        {'PYTHONPATH': str(tmp_path)}, cwd=str(tmp_path))
+    result = run_python(
+        'import warnings; warnings.simplefilter("always")\n'
+        'import basicsr\nfrom basicsr.archs import build_network\n'
+        'net = build_network({"type": "RCAN", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 16,\n'
+        '                     "num_group": 1, "num_block": 1, "upscale": 2})\nprint("ok")',
+        {'PYTHONPATH': str(tmp_path)},
+        cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith('ok')
     assert 'could not register d2c_losses' in result.stderr and 'simulated breakage' in result.stderr

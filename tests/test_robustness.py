@@ -44,9 +44,15 @@ def test_two_process_cpu_training_matches_single_process(tmp_path, tiny_data):
     dump = tmp_path / 'dump'
     dump.mkdir()
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    result = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2',
-                             os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'), str(dump), '-opt', dist_yml,
-                             '--launcher', 'pytorch'], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+    result = subprocess.run([
+        torchrun, '--standalone', '--nproc_per_node=2',
+        os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'),
+        str(dump), '-opt', dist_yml, '--launcher', 'pytorch'
+    ],
+                            cwd=str(tmp_path),
+                            env=env,
+                            capture_output=True,
+                            text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rank0 = torch.load(dump / 'rank0.pth', weights_only=True)
@@ -75,8 +81,10 @@ def test_sigkill_anywhere_then_auto_resume(tmp_path, tiny_data):
     opt['val']['val_freq'] = 1000
     yml = write_yaml(tmp_path / 'killed.yml', opt)
     states = tmp_path / 'experiments' / 'killed' / 'training_states'
-    proc = subprocess.Popen([sys.executable, '-m', 'd2c_tools.train', '-opt', yml], cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, '-m', 'd2c_tools.train', '-opt', yml],
+                            cwd=str(tmp_path),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if states.is_dir() and any(int(f.split('.')[0]) >= 8 for f in os.listdir(states) if f.endswith('.state')):
@@ -169,7 +177,7 @@ def test_nonfinite_model_is_never_saved(tmp_path, tiny_data):
     ('one_branch', r'1 branch; the divergence loss needs at least 2'),
     ('loss_tree', r'train.divergence_opt.tree_depth=3 but network_g has tree_depth=2'),
     ('pretrained', r'does not fit network_g.*\n  not in the network \(122\): res_convs\.4\.0\.bias.*\n'
-                   r'  different shapes \(2\): convergence\.0\.weight: checkpoint \(64, 27, 3, 3\) vs network \(64, 12'),
+     r'  different shapes \(2\): convergence\.0\.weight: checkpoint \(64, 27, 3, 3\) vs network \(64, 12'),
 ])
 def test_bad_configuration_is_named_before_training(tmp_path, tiny_data, case, match):
     opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ('convergence', 2)))
@@ -198,8 +206,11 @@ def test_bad_configuration_exits_2_with_one_line_message(tmp_path, tiny_data):
     opt = tiny_train_opt(tiny_data, name='bad')
     opt['network_g']['upscale'] = 2
     yml = write_yaml(tmp_path / 'bad.yml', opt)
-    result = subprocess.run([sys.executable, '-m', 'd2c_tools.train', '-opt', yml], cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, '-m', 'd2c_tools.train', '-opt', yml],
+                            cwd=str(tmp_path),
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
     assert result.returncode == 2
     assert 'd2c-train: error: D2CModel: network_g.upscale=2 but scale=4' in result.stderr
     assert 'Traceback' not in result.stderr
@@ -216,8 +227,14 @@ def test_converted_checkpoint_with_other_constants_warns(tmp_path, tiny_data, ca
     opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ))
     net = D2CNet(num_feat=8, num_group=1, num_block=1, reduction=4)
     ckpt = tmp_path / 'converted.pth'
-    torch.save({'params': net.state_dict(),
-                'converted_from': {'network_g': {'rgb_mean': [0.404, 0.4371, 0.4488]}}}, ckpt)
+    torch.save({
+        'params': net.state_dict(),
+        'converted_from': {
+            'network_g': {
+                'rgb_mean': [0.404, 0.4371, 0.4488]
+            }
+        }
+    }, ckpt)
     opt['path']['pretrain_network_g'] = str(ckpt)
     import logging
     logging.getLogger('basicsr').addHandler(caplog.handler)

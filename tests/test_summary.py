@@ -26,9 +26,25 @@ def save(tmp_path, name, **overrides):
 
 @pytest.mark.parametrize('overrides', [
     {},
-    {'tree_depth': 1, 'tree_width': 3, 'upscale': 3, 'branch_type': 'EDSRBranch', 'num_block': 2},
-    {'tree_depth': 3, 'tree_width': 1, 'upscale': 8, 'num_group': 2, 'reduction': 2, 'num_feat': 4},
-    {'upscale': 2, 'num_fusion_feat': 16},
+    {
+        'tree_depth': 1,
+        'tree_width': 3,
+        'upscale': 3,
+        'branch_type': 'EDSRBranch',
+        'num_block': 2
+    },
+    {
+        'tree_depth': 3,
+        'tree_width': 1,
+        'upscale': 8,
+        'num_group': 2,
+        'reduction': 2,
+        'num_feat': 4
+    },
+    {
+        'upscale': 2,
+        'num_fusion_feat': 16
+    },
 ])
 def test_tree_shape_is_inferred_from_keys(overrides):
     opt = dict(TINY, **overrides)
@@ -96,6 +112,10 @@ def test_cli_mismatch_and_bad_files(tmp_path, capsys):
 
 
 def test_help(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'd2c_tools.summary', '--help'], capture_output=True, text=True,
-                         cwd=str(tmp_path), timeout=120, env=dict(os.environ))
+    res = subprocess.run([sys.executable, '-m', 'd2c_tools.summary', '--help'],
+                         capture_output=True,
+                         text=True,
+                         cwd=str(tmp_path),
+                         timeout=120,
+                         env=dict(os.environ))
     assert res.returncode == 0 and '--model' in res.stdout and '--opt' in res.stdout and 'MAC' in res.stdout
