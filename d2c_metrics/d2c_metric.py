@@ -18,8 +18,9 @@ The authors' ``test.py`` scores every image with ``cal_psnr(sr, hr, scale)`` and
 
 BasicSR's validation hands metrics uint8 images (``tensor2img``: clamp to [0, 1], x255, round), so
 these functions work on those; the only remaining difference to the authors' float protocol is
-that rounding of the SR image (about 0.002-0.005 dB of PSNR at 30-34 dB, see docs/official_weights.md) and, for
-SSIM, that the authors do not clip the SR image before SSIM.
+that rounding of the SR image (about 0.002-0.005 dB of PSNR at 30-34 dB, see docs/official_weights.md).
+The authors' SSIM does not clip the SR image (their PSNR does); ``calculate_ssim_d2c`` clips it
+by default, which changes nothing on uint8 inputs, and follows them with ``clip_sr: false``.
 
 BasicSR's own ``calculate_psnr`` / ``calculate_ssim`` with ``test_y_channel: true`` use BT.601 luma
 with the +16 offset on correctly ordered channels, and MATLAB-style SSIM on the 'valid' region of
@@ -47,16 +48,19 @@ SSIM_C1 = 0.01**2  # data range 1
 SSIM_C2 = 0.03**2
 
 
-def _prepare(img, img2, input_order, name):
-    """Check and reorder a pair; returns float64 HWC images in [0, 1] (input range [0, 255])."""
+def _prepare(img, img2, input_order, name, clip_sr=True):
+    """Check and reorder a pair; returns float64 HWC images, range [0, 1] (input range [0, 255]).
+
+    ``clip_sr=False`` leaves ``img`` (the SR image) unclipped, as the authors' SSIM does.
+    """
     if img.shape != img2.shape:
         raise ValueError(f'{name}: image shapes differ: {img.shape} vs {img2.shape}.')
     if input_order not in ('HWC', 'CHW'):
         raise ValueError(f'{name}: input_order must be "HWC" or "CHW", got {input_order!r}.')
     img = reorder_image(img, input_order=input_order).astype(np.float64)
     img2 = reorder_image(img2, input_order=input_order).astype(np.float64)
-    # the authors clip both images to [0, 1]; uint8 input is already in range
-    return np.clip(img / 255., 0., 1.), np.clip(img2 / 255., 0., 1.)
+    # the authors' PSNR clips both images to [0, 1]; uint8 input is already in range
+    return (np.clip(img / 255., 0., 1.) if clip_sr else img / 255.), np.clip(img2 / 255., 0., 1.)
 
 
 def _luma(img, luma, name):
@@ -142,6 +146,7 @@ def calculate_ssim_d2c(img,
                        test_y_channel=True,
                        luma='authors',
                        shave_border=False,
+                       clip_sr=True,
                        **kwargs):
     """SSIM as the D2C-SR authors compute it (their ``ssim`` function, used by ``test.py``).
 
@@ -161,11 +166,15 @@ def calculate_ssim_d2c(img,
         luma (str): 'authors' (default) or 'bt601'; see :func:`calculate_psnr_d2c`.
         shave_border (bool): Shave ``crop_border`` pixels first (not the authors' protocol).
             Default: False.
+        clip_sr (bool): Clip the SR image to [0, 255] first. The authors' ``test.py`` does not
+            (their ``cal_psnr`` clips, their ``ssim`` does not); ``False`` follows them exactly.
+            It only matters for float inputs outside [0, 255]: BasicSR's validation passes uint8
+            images (``tensor2img`` clamps), where both give the same number. Default: True.
 
     Returns:
         float: SSIM, 1 for identical images.
     """
-    img, img2 = _prepare(img, img2, input_order, 'calculate_ssim_d2c')
+    img, img2 = _prepare(img, img2, input_order, 'calculate_ssim_d2c', clip_sr)
     if test_y_channel:
         img, img2 = _luma(img, luma, 'calculate_ssim_d2c'), _luma(img2, luma, 'calculate_ssim_d2c')
     if shave_border and crop_border:

@@ -39,11 +39,14 @@ def build_parser():
         default='rgb',
         help='colour order the converted network takes and gives: rgb (default; what BasicSR '
         'feeds) or bgr (what the authors\' code feeds: it reads images with cv2 and never converts)')
-    parser.add_argument(
-        '--fold-mean-shift',
+    mean_shift = parser.add_mutually_exclusive_group()
+    mean_shift.add_argument(
+        '--strict-mean-shift',
         action='store_true',
-        help='if sub_mean/add_mean are not the authors\' constant DIV2K mean shift, fold them into '
-        'the head and output convs instead of stopping')
+        help='refuse a checkpoint whose sub_mean/add_mean are not the fixed DIV2K mean shift, instead of folding '
+        'them exactly into the head and output convs (the default: the release trains those layers)')
+    mean_shift.add_argument(
+        '--fold-mean-shift', action='store_true', help='the default now; kept so that existing commands work')
     parser.add_argument(
         '--scale',
         type=int,
@@ -61,7 +64,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         lines = convert_checkpoint_file(args.checkpoint, args.output, args.opt_out, args.template, args.channel_order,
-                                        args.fold_mean_shift, args.scale, args.force)
+                                        not args.strict_mean_shift, args.scale, args.force)
     except (UserError, OSError) as err:
         return report_user_error(PROG, err)
     print('\n'.join(lines))

@@ -17,11 +17,16 @@ What the conversion does
   D2CNet parameter is filled; anything left over on either side, or any shape mismatch, is an
   error that names the keys (see :func:`official_key` for the table).
 * MegEngine conv biases of shape (1, C, 1, 1) become PyTorch's (C,).
-* The authors' mean-shift layers ``sub_mean`` / ``add_mean`` (fixed 1x1 convs, rgb_range 1) are
-  not copied: D2CNet subtracts ``rgb_mean`` itself. They are checked against D2CNet's default
-  ``rgb_mean`` (the DIV2K mean of the authors' ``MeanShift``). If they differ (e.g. because they
-  were trained along with the network), the conversion stops unless ``--fold-mean-shift`` is
-  given, which folds both 1x1 convs exactly into the head conv and the output convs.
+* The authors' mean-shift layers ``sub_mean`` / ``add_mean`` are **trained** 1x1 convs in every
+  real checkpoint of the release. Their ``MeanShift`` means to set a fixed DIV2K-mean shift with
+  ``self.weight.data = ...`` / ``self.bias.data = ...``, but in MegEngine assigning ``.data`` only
+  sets a Python attribute and leaves the parameter unchanged; so both layers keep MegEngine's
+  random initialisation and are trained with the rest of the network. D2CNet has no such layers
+  (it subtracts a constant ``rgb_mean``), so by default the converter folds both 1x1 convs
+  exactly into the head conv and the output convs (:func:`fold_mean_shift`) and says so in one
+  line. Where they do hold the fixed DIV2K shift (``MeanShift`` as intended, rgb_range 1, e.g. a
+  file written by :func:`export_official`), they are checked and dropped, and D2CNet's default
+  ``rgb_mean`` does the same. ``--strict-mean-shift`` refuses anything but the fixed shift.
 * Channel order. The authors read every image with ``cv2.imread`` and never convert it
   (``dataset/dataset.py``), so their network was trained on, and expects, **BGR** input and
   produces BGR output. BasicSR feeds RGB. With ``--channel-order rgb`` (default) the converter
@@ -461,7 +466,7 @@ def _target_shapes(net_opt):
     return OrderedDict((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
-def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None):
+def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=True, scale=None):
     """The authors' two state dicts -> a D2CNet state dict and its ``network_g`` options.
 
     Args:
@@ -469,7 +474,8 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
             checkpoint. Biases may be (1, C, 1, 1) (MegEngine) or (C,).
         channel_order (str): 'rgb' (default; for BasicSR, which feeds RGB) or 'bgr' (the
             authors' order, as they read images with cv2).
-        fold (bool): Fold non-constant mean-shift layers into head and tails instead of failing.
+        fold (bool): Fold mean-shift layers that are not the fixed DIV2K shift (the release's are
+            trained) into head and tails; False refuses them (``--strict-mean-shift``). Default: True.
         scale (int | None): If given, the scale the file must have.
 
     Returns:
@@ -479,7 +485,7 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
 
     Raises:
         UserError: keys left over on either side, shape mismatches, a mean shift that is
-        not the authors' constant (without ``fold``), a wrong scale.
+        not the fixed DIV2K shift (with ``fold=False``) or cannot be folded, a wrong scale.
     """
     import torch
     if channel_order not in CHANNEL_ORDERS:
@@ -497,9 +503,9 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=False, scale=None)
         sd_d, file_mean = fold_mean_shift(sd_d)
         mean_note = 'folded'
     else:
-        raise UserError(f'{problem}; D2CNet only subtracts rgb_mean={list(default_mean)}. If the file\'s '
-                        'mean-shift layers were trained, rerun with --fold-mean-shift to fold them exactly '
-                        'into the head and output convs')
+        raise UserError(f'{problem}; D2CNet only subtracts rgb_mean={list(default_mean)}. The release trains these '
+                        'layers (its MeanShift never sets them), so real checkpoints have such values: rerun '
+                        'without --strict-mean-shift to fold them exactly into the head and output convs')
     rgb_mean = tuple(reversed(file_mean)) if channel_order == 'rgb' else tuple(file_mean)
     net_opt = official_network_options(layout, rgb_mean)
     targets = _target_shapes(net_opt)
@@ -648,7 +654,7 @@ def convert_checkpoint_file(checkpoint,
                             opt_out=None,
                             template=None,
                             channel_order='rgb',
-                            fold=False,
+                            fold=True,
                             scale=None,
                             force=False):
     """Convert the authors' checkpoint file into a BasicSR checkpoint (what ``d2c-convert-official`` does).
@@ -697,7 +703,8 @@ def convert_checkpoint_file(checkpoint,
     if notes['mean'] == 'constant':
         lines.append('mean shift: the authors\' constant DIV2K mean, rgb_range 1 (checked, not copied)')
     else:
-        lines.append('mean shift: sub_mean/add_mean are not the constant mean; folded into head and output convs')
+        lines.append('mean shift: sub_mean/add_mean are trained 1x1 convs (as in every checkpoint of the release), not '
+                     'the fixed DIV2K shift; folded exactly into the head and output convs')
     if channel_order == 'rgb':
         lines.append('channels: the authors\' network works on BGR (cv2.imread); reversed to RGB for BasicSR '
                      '(head input, output convs, convergence input, rgb_mean)')

@@ -366,41 +366,87 @@ def test_each_leaf_uses_its_residual_convs_and_parent():
 # ----------------------------------------------------------------------------------------------
 # 3. Mean shift
 # ----------------------------------------------------------------------------------------------
-def test_mean_shift_is_checked_and_can_be_folded(tmp_path, capsys):
-    sd_d, sd_c = random_official(4, seed=3, nf=16, ng=1, nb=1, reduction=4)
-    rng = np.random.default_rng(3)
-    # as if the 1x1 mean-shift convs had been trained: near identity, other biases
+def _trained_mean_shift(sd_d, seed):
+    """As in every real checkpoint of the release: sub_mean/add_mean trained along with the network
+    (their MeanShift's ``.data = ...`` never set them in MegEngine): near identity, other biases."""
+    rng = np.random.default_rng(seed)
     for name in ('sub_mean', 'add_mean'):
         sd_d[f'{name}.weight'] = (np.eye(3) + 0.05 * rng.standard_normal((3, 3))).astype(np.float32).reshape(3, 3, 1, 1)
         sd_d[f'{name}.bias'] = (0.3 * rng.standard_normal((1, 3, 1, 1))).astype(np.float32)
+    return sd_d
+
+
+def _assert_matches_reference(net, sd_d, sd_c, x, rgb):
+    """The converted net against reference_forward, which applies the 1x1 mean-shift convs explicitly."""
+    with torch.no_grad():
+        ref_branches, ref_fused = reference_forward(sd_d, sd_c, x, 4, ng=1, nb=1)
+        fused, branches, _ = net(x.flip(1) if rgb else x, return_branches=True)
+    if rgb:  # the converted net takes and gives RGB; the authors' works on BGR
+        ref_branches, ref_fused = ref_branches.flip(2), ref_fused.flip(1)
+    torch.testing.assert_close(branches, ref_branches, rtol=1e-4, atol=1e-5)  # borders included
+    torch.testing.assert_close(fused, ref_fused, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('channel_order', ['rgb', 'bgr'])
+def test_trained_mean_shift_is_folded_by_default(tmp_path, capsys, channel_order):
+    sd_d, sd_c = random_official(4, seed=3, nf=16, ng=1, nb=1, reduction=4)
+    sd_d = _trained_mean_shift(sd_d, seed=3)
     src = write_pickle(tmp_path / 'trained_mean.pkl', {'state_dict_D': sd_d, 'state_dict_C': sd_c})
+    args = [] if channel_order == 'rgb' else ['--channel-order', 'bgr']
+    rc, out, err = run_cli(capsys, src, tmp_path / 'a.pth', *args)  # no mean-shift flag
+    assert rc == 0, err
+    assert [line for line in out.splitlines() if line.startswith('mean shift:')] == [
+        'mean shift: sub_mean/add_mean are trained 1x1 convs (as in every checkpoint of the release), not the fixed '
+        'DIV2K shift; folded exactly into the head and output convs'
+    ]
+    net, ckpt = load_converted(tmp_path / 'a.pth')
+    assert ckpt['converted_from']['mean_shift'] == 'folded'
+    _assert_matches_reference(net, sd_d, sd_c, torch.rand(1, 3, 6, 7), rgb=channel_order == 'rgb')
 
-    rc, _, err = run_cli(capsys, src, tmp_path / 'a.pth')
-    assert_one_line_error(rc, err, 'sub_mean.weight', "not the authors' fixed mean shift", '--fold-mean-shift')
+
+def test_random_mean_shift_as_initialised_by_megengine_is_folded(tmp_path, capsys):
+    """Mean-shift convs that are plain random 1x1 convs (MegEngine's initialisation, nothing like the DIV2K shift)."""
+    sd_d, sd_c = random_official(4, seed=5, nf=16, ng=1, nb=1, reduction=4)
+    rng = np.random.default_rng(5)
+    for name in ('sub_mean', 'add_mean'):
+        sd_d[f'{name}.weight'] = rng.uniform(-1, 1, (3, 3, 1, 1)).astype(np.float32)
+        sd_d[f'{name}.bias'] = np.zeros((1, 3, 1, 1), np.float32)
+    src = write_pickle(tmp_path / 'random_mean.pkl', {'state_dict_D': sd_d, 'state_dict_C': sd_c})
+    rc, out, err = run_cli(capsys, src, tmp_path / 'r.pth')
+    assert rc == 0, err
+    assert 'folded exactly' in out
+    net, _ = load_converted(tmp_path / 'r.pth')
+    _assert_matches_reference(net, sd_d, sd_c, torch.rand(2, 3, 5, 8), rgb=True)
+
+
+def test_strict_mean_shift_refuses_what_is_not_the_fixed_shift(tmp_path, capsys):
+    sd_d, sd_c = random_official(4, seed=3, nf=16, ng=1, nb=1, reduction=4)
+    src = write_pickle(tmp_path / 'trained_mean.pkl', {
+        'state_dict_D': _trained_mean_shift(sd_d, seed=3),
+        'state_dict_C': sd_c
+    })
+    rc, _, err = run_cli(capsys, src, tmp_path / 'a.pth', '--strict-mean-shift')
+    assert_one_line_error(rc, err, 'sub_mean.weight', "not the authors' fixed mean shift", '--strict-mean-shift')
     assert not (tmp_path / 'a.pth').exists()
-
+    # the old spelling of the default still works
     rc, out, err = run_cli(capsys, src, tmp_path / 'a.pth', '--fold-mean-shift', '--channel-order', 'bgr')
     assert rc == 0, err
     assert 'folded' in out
-    net, _ = load_converted(tmp_path / 'a.pth')
-    x = torch.rand(1, 3, 6, 7)
-    with torch.no_grad():
-        ref_branches, ref_fused = reference_forward(sd_d, sd_c, x, 4, ng=1, nb=1)
-        fused, branches, _ = net(x, return_branches=True)
-    torch.testing.assert_close(branches, ref_branches, rtol=1e-4, atol=1e-5)  # borders included
-    torch.testing.assert_close(fused, ref_fused, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # folded and turned to RGB
-        fused, branches, _ = converted_net(sd_d, sd_c, 'rgb', fold=True)(x.flip(1), return_branches=True)
-    torch.testing.assert_close(branches, ref_branches.flip(2), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fused, ref_fused.flip(1), rtol=1e-4, atol=1e-5)
 
 
-def test_other_constant_mean_is_refused(tmp_path, capsys):
+def test_other_constant_mean_is_folded_or_refused_when_strict(tmp_path, capsys):
     net = D2CNet(num_feat=8, num_group=1, num_block=1, reduction=4, rgb_mean=(0.5, 0.5, 0.5))
     sd_d, sd_c = co.export_official(net.state_dict(), rgb_mean=(0.5, 0.5, 0.5))
     src = write_pickle(tmp_path / 'c.pkl', {'state_dict_D': sd_d, 'state_dict_C': sd_c})
-    rc, _, err = run_cli(capsys, src, tmp_path / 'c.pth')
+    rc, _, err = run_cli(capsys, src, tmp_path / 'c.pth', '--strict-mean-shift')
     assert_one_line_error(rc, err, 'sub_mean.bias', '0.4488')
+    rc, out, err = run_cli(capsys, src, tmp_path / 'c.pth')
+    assert rc == 0, err
+    converted, ckpt = load_converted(tmp_path / 'c.pth')
+    assert ckpt['converted_from']['network_g']['rgb_mean'] == pytest.approx([0.5, 0.5, 0.5])
+    x = torch.rand(1, 3, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), net.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -134,6 +134,23 @@ def test_ssim_matches_the_definition_on_random_images():
             _naive_ssim(x @ WEIGHTS[::-1], y @ WEIGHTS[::-1]), abs=1e-12)
 
 
+def test_ssim_clips_the_sr_image_unless_told_to_follow_the_authors():
+    """The authors' test.py scores SSIM on the unclipped SR image; clip_sr=False does the same."""
+    rng = np.random.default_rng(7)
+    img2 = rand_img(12, 15).astype(np.float64)
+    img = img2 + rng.normal(0, 40, img2.shape)  # a float SR image with values below 0 and above 255
+    assert img.min() < 0 and img.max() > 255
+    x, y = img / 255., img2 / 255.
+    authors = calculate_ssim_d2c(img, img2, clip_sr=False)
+    assert authors == pytest.approx(_naive_ssim(x @ WEIGHTS, y @ WEIGHTS), abs=1e-12)
+    clipped = calculate_ssim_d2c(img, img2)
+    assert clipped == pytest.approx(_naive_ssim(np.clip(x, 0, 1) @ WEIGHTS, y @ WEIGHTS), abs=1e-12)
+    assert clipped != pytest.approx(authors, abs=1e-4)
+    # on what BasicSR's validation passes (uint8, already in range) both are the same
+    sr8 = np.clip(img, 0, 255).round().astype(np.uint8)
+    assert calculate_ssim_d2c(sr8, img2, clip_sr=False) == calculate_ssim_d2c(sr8, img2)
+
+
 def test_ssim_does_not_shave_unless_asked():
     img, img2 = rand_img(20, 20), rand_img(20, 20)
     whole = calculate_ssim_d2c(img, img2, crop_border=0)
