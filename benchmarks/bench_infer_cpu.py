@@ -48,6 +48,7 @@ import d2c_model  # noqa: E402,F401  (registers D2CNet; applies the compat shim 
 from d2c_arch import D2CNet  # noqa: E402
 from d2c_utils.checkpoint_util import load_model  # noqa: E402
 from d2c_utils.eval_util import tensor_psnr  # noqa: E402
+from d2c_utils.img_util import read_image, split_input  # noqa: E402
 from d2c_utils.precision_util import resolve_precision  # noqa: E402
 from d2c_utils.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
@@ -174,15 +175,10 @@ def accuracy_photos(root, count):
     photos = []
     for path in names:
         name = osp.splitext(osp.basename(path))[0]
-        for label, img in ((f'{name} LR', cv2.imread(path)), (f'{name} HR->256',
-                                                              cv2.resize(
-                                                                  cv2.imread(osp.join(root, 'HR', osp.basename(path))),
-                                                                  (256, 256),
-                                                                  interpolation=cv2.INTER_AREA))):
-            rgb = img[..., ::-1].astype(np.float32) / 255
-            photos.append(
-                (f'{label} {img.shape[1]}x{img.shape[0]}', torch.from_numpy(rgb.transpose(2, 0,
-                                                                                          1).copy()).unsqueeze(0)))
+        lr = read_image(path)
+        hr = cv2.resize(read_image(osp.join(root, 'HR', osp.basename(path))), (256, 256), interpolation=cv2.INTER_AREA)
+        for label, img in ((f'{name} LR', lr), (f'{name} HR->256', hr)):
+            photos.append((f'{label} {img.shape[1]}x{img.shape[0]}', split_input(img)[0]))
     return photos
 
 

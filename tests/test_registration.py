@@ -114,3 +114,9 @@ def test_compat_shim_installs_where_needed(monkeypatch):
 def test_entry_points_have_help(module):
     result = run_python(None, args=['-m', module, '--help'])
     assert result.returncode == 0 and '-opt' in result.stdout
+
+
+@pytest.mark.parametrize('module', ['d2c_model.infer', 'd2c_model.summary'])
+def test_old_module_spellings_of_the_tools_still_work(module):
+    result = run_python(None, args=['-m', module, '--help'])
+    assert result.returncode == 0 and '--model' in result.stdout and module.split('.')[1] in result.stdout
