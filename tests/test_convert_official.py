@@ -2,9 +2,10 @@
 
 The real released file is not available here. These tests build checkpoints in the authors'
 layout two independent ways: from D2CNet through ``export_official`` (round trip), and from the
-authors' key names and shapes as described in shared/notes/d2c-facts.md (``official_shapes``
-below, not the converter's table), checked against a functional re-implementation of the
-authors' D_Net / C_Net (``reference_forward``).
+authors' key names and shapes as their MegEngine code (github.com/megvii-research/D2C-SR) defines
+them (``official_shapes`` below, not the converter's table; "the facts note" below means the
+project's notes on that code, which are not part of this repository), checked against a functional
+re-implementation of the authors' D_Net / C_Net (``reference_forward``).
 """
 import io
 import os
