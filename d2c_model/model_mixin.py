@@ -142,10 +142,8 @@ class PluginModelMixin:
     # ------------------------------------------------------------------------ loading
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """BasicSR's load_network through the project's loader: weights only, one clear mismatch message."""
-        if not osp.isfile(load_path):
-            raise FileNotFoundError(f'path.pretrain_network_g: checkpoint not found: {load_path}')
         bare = self.get_bare_model(net)
-        ckpt = load_checkpoint(load_path, what='path.pretrain_network_g')
+        ckpt = load_checkpoint(load_path, what='a .pth written by training as path.pretrain_network_g')
         if param_key is not None and isinstance(ckpt, dict) and param_key not in ckpt and 'params' in ckpt:
             param_key = 'params'  # BasicSR's fall-back for checkpoints without params_ema
         info = load_weights(

@@ -33,7 +33,7 @@ def first_line(err):
     return (specific or lines or [''])[0][:200]
 
 
-def load_checkpoint(path, what='--model'):
+def load_checkpoint(path, what='--model <a .pth written by training>'):
     """Read a model file safely.
 
     Only tensors and plain containers are unpickled (``weights_only=True``); anything that
@@ -41,13 +41,13 @@ def load_checkpoint(path, what='--model'):
 
     Args:
         path (str): The file.
-        what (str): How the user passed it (flag or option key), for the messages.
+        what (str): How the user names the file (flag or option key), for the not-found message.
 
     Raises:
         UserError: missing, unreadable, corrupt or refused file; the message names it.
     """
     if not osp.isfile(path):
-        raise UserError(f'model file not found: {path} (pass {what} <a .pth written by training>)')
+        raise UserError(f'model file not found: {path} (pass {what})')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,4 +1,5 @@
 """The exception types every d2c-sr tool reports the same way."""
+import sys
 
 
 class UserError(ValueError):
@@ -28,6 +29,5 @@ USER_ERROR_STATUS = 2
 
 def report_user_error(prog, err, stream=None):
     """Print ``err`` as ``<prog>: error: <message>`` on stderr and return the exit status 2."""
-    import sys
     print(f'{prog}: error: {err}', file=stream or sys.stderr)
     return USER_ERROR_STATUS
