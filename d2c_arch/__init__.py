@@ -1,17 +1,23 @@
 """D2C-SR architectures; importing this package registers them in BasicSR's ``ARCH_REGISTRY``.
 
-What a checkpoint's tensors say about D2CNet is read beside it: :func:`infer_options` (and
-``d2c_arch.d2c_arch.NOT_INFERABLE``, what cannot be read); ``d2c_arch.d2c_arch`` also holds
-``state_dict_differences`` and ``upsampler_scale``.
+D2CNet (d2c_arch.py) with one branch module per backbone (branch_util.py) and per-leaf tails
+(upsample_util.py); the Table 3 originals BasicSR lacks: VDSR, RDN, IMDN. What a checkpoint's
+tensors say about D2CNet is read beside it: :func:`infer_options` (and
+``d2c_arch.d2c_arch.NOT_INFERABLE``, what cannot be read).
 """
 import d2c_compat
 
 d2c_compat.apply()  # must run before the first ``import basicsr``
 
-from .branch_util import BRANCH_REGISTRY, EDSRBranch, RCANBranch  # noqa: E402
+from .branch_util import (BRANCH_REGISTRY, EDSRBranch, IMDNBranch, RCANBranch, RDNBranch,  # noqa: E402
+                          RRDBBranch, SRResNetBranch, SwinIRBranch, VDSRBranch)
 from .d2c_arch import D2CNet, bare_key, default_options, infer_options, is_convergence_key  # noqa: E402
+from .imdn_arch import IMDN  # noqa: E402
+from .rdn_arch import RDN  # noqa: E402
+from .vdsr_arch import VDSR  # noqa: E402
 
 __all__ = [
-    'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'bare_key', 'default_options', 'infer_options',
+    'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'SRResNetBranch', 'RRDBBranch', 'SwinIRBranch',
+    'RDNBranch', 'IMDNBranch', 'VDSRBranch', 'VDSR', 'RDN', 'IMDN', 'bare_key', 'default_options', 'infer_options',
     'is_convergence_key'
 ]

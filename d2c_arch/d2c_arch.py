@@ -9,14 +9,19 @@ import torch
 from torch import nn as nn
 from torch.nn import functional as F
 
-from basicsr.archs.arch_util import Upsample
 from basicsr.utils.registry import ARCH_REGISTRY
+from .arch_util import accepted_options, reject_unknown_options
 from .branch_util import BRANCH_REGISTRY
+from d2c_utils.errors import UserError
+from .upsample_util import build_tail, read_tail
 
 SUPPORTED_SCALES = (2, 3, 4, 8)
 CONVERGENCE_PREFIX = 'convergence.'
 WRAPPER_PREFIX = 'module.'  # what DataParallel / DistributedDataParallel put before every key
 STAGES = ('full', 'divergence', 'convergence')
+INPUT_SKIPS = (None, 'bilinear', 'bicubic')
+# options every branch type may take; D2CNet passes a branch only those its __init__ names
+GENERIC_BRANCH_OPTIONS = ('num_feat', 'num_group', 'num_block', 'reduction')
 
 
 @ARCH_REGISTRY.register()
@@ -44,20 +49,29 @@ class D2CNet(nn.Module):
         num_feat (int): Feature channels (F). Default: 64.
         tree_depth (int): Tree depth L >= 1. Default: 2.
         tree_width (int): Children per node C >= 1. Default: 2.
-        num_group (int): Residual groups per branch module (G). Default: 2.
-        num_block (int): Blocks per residual group (B). Default: 4.
-        reduction (int): Channel-attention squeeze factor of RCAB. Default: 16.
+        num_group (int): Residual groups per branch module (G); RCANBranch only. Default: 2.
+        num_block (int): Blocks per residual group (B), or per node for branch types without
+            groups. Default: 4.
+        reduction (int): Channel-attention squeeze factor of RCAB; RCANBranch only. Default: 16.
         upscale (int): Scale factor, one of 2, 3, 4, 8. Default: 4.
         img_range (float): Images are in [0, 1]; features see ``(x - rgb_mean) * img_range``.
             Default: 1.
         rgb_mean (sequence[float]): Mean subtracted from the input and added back after
             every tail (DIV2K's mean). Default: (0.4488, 0.4371, 0.4040).
-        branch_type (str): Name in ``BRANCH_REGISTRY`` of the basic branch module.
+        branch_type (str): Name in ``BRANCH_REGISTRY`` of the basic branch module
+            (d2c_arch/branch_util.py: one per backbone of the paper's Table 3, and SwinIR).
             Default: 'RCANBranch'.
-        branch_opt (dict | None): Extra keyword arguments for the branch module.
+        branch_opt (dict | None): Options of the branch module beyond the generic ones
+            (``res_scale``, ``num_grow_ch``, ``window_size``, ...).
         num_fusion_feat (int): Hidden channels of the convergence network. Default: 64.
         fusion_logit_relu (bool): ReLU on the weight logits before the softmax, as in the
             authors' release. Default: True.
+        upsampler (str): Every leaf's tail (d2c_arch/upsample_util.py): 'pixelshuffle'
+            (the paper's), 'pixelshuffledirect', 'nearest+conv', or 'interpolate' (the input
+            is bicubic-interpolated before the head; VDSR). Default: 'pixelshuffle'.
+        input_skip (str | None): Add the input interpolated to the output size ('bilinear',
+            'bicubic') to every prediction instead of ``rgb_mean``: the image-level skip of
+            MSRResNet (bilinear) and VDSR (bicubic). Default: None.
     """
 
     def __init__(self,
@@ -75,7 +89,22 @@ class D2CNet(nn.Module):
                  branch_type='RCANBranch',
                  branch_opt=None,
                  num_fusion_feat=64,
-                 fusion_logit_relu=True):
+                 fusion_logit_relu=True,
+                 upsampler='pixelshuffle',
+                 input_skip=None,
+                 **unknown):
+        if branch_type not in BRANCH_REGISTRY:
+            raise ValueError(f'D2CNet: branch_type={branch_type!r} is not registered; known branch types: '
+                             f'{sorted(BRANCH_REGISTRY.keys())}.')
+        branch_cls = BRANCH_REGISTRY.get(branch_type)
+        branch_keys = accepted_options(branch_cls)
+        reject_unknown_options(
+            type(self),
+            unknown,
+            hints={
+                key: f'{branch_type} takes it: put it under branch_opt ({{{key}: ...}}) or run d2c-swap; '
+                for key in branch_keys
+            })
         super().__init__()
         if upscale not in SUPPORTED_SCALES:
             raise ValueError(f'D2CNet: upscale={upscale!r} is not supported; use one of {SUPPORTED_SCALES}.')
@@ -86,22 +115,22 @@ class D2CNet(nn.Module):
             raise ValueError(f'D2CNet: rgb_mean has {len(rgb_mean)} values but num_in_ch={num_in_ch} and '
                              f'num_out_ch={num_out_ch}; they must all be equal (the mean is added back '
                              'to the output).')
-        if branch_type not in BRANCH_REGISTRY:
-            raise ValueError(f'D2CNet: branch_type={branch_type!r} is not registered; known branch types: '
-                             f'{sorted(BRANCH_REGISTRY.keys())}.')
+        if input_skip not in INPUT_SKIPS:
+            raise ValueError(f'D2CNet: input_skip={input_skip!r}; use one of {INPUT_SKIPS}.')
+        branch_kwargs = self._branch_kwargs(branch_cls, branch_keys, branch_opt, num_feat, num_group, num_block,
+                                            reduction)
 
         self.tree_depth = tree_depth
         self.tree_width = tree_width
         self.num_branch = tree_width**tree_depth
         self.upscale = upscale
         self.img_range = img_range
+        self.upsampler = upsampler
+        self.input_skip = input_skip
         # not persistent: a constant of the architecture, not a learned weight
         self.register_buffer('mean', torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
         self.head = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
-        branch_cls = BRANCH_REGISTRY.get(branch_type)
-        branch_kwargs = dict(num_feat=num_feat, num_group=num_group, num_block=num_block, reduction=reduction)
-        branch_kwargs.update(branch_opt or {})
         # tree[level - 1][node]: level l holds C**l nodes, none sharing weights
         self.tree = nn.ModuleList([
             nn.ModuleList([branch_cls(**branch_kwargs) for _ in range(tree_width**level)])
@@ -112,10 +141,8 @@ class D2CNet(nn.Module):
             nn.ModuleList([nn.Conv2d(num_feat, num_feat, 3, 1, 1) for _ in range(tree_depth)])
             for _ in range(self.num_branch)
         ])
-        self.tails = nn.ModuleList([
-            nn.Sequential(Upsample(upscale, num_feat), nn.Conv2d(num_feat, num_out_ch, 3, 1, 1))
-            for _ in range(self.num_branch)
-        ])
+        self.tails = nn.ModuleList([build_tail(upsampler, upscale, num_feat, num_out_ch) for _ in range(self.num_branch)])
+        self.size_multiple = max(node.size_multiple for node in self.tree[0])
 
         fusion = [
             nn.Conv2d(num_out_ch * self.num_branch, num_fusion_feat, 3, 1, 1, bias=False),
@@ -128,6 +155,21 @@ class D2CNet(nn.Module):
             fusion.append(nn.ReLU(inplace=True))
         self.convergence = nn.Sequential(*fusion)
 
+    @staticmethod
+    def _branch_kwargs(branch_cls, branch_keys, branch_opt, num_feat, num_group, num_block, reduction):
+        """The keyword arguments of every node: the generic options it names, then ``branch_opt``."""
+        # generic options a branch does not name (num_group, reduction: RCAN's) do not apply to it, so a
+        # file switched from RCANBranch to another type keeps working
+        given = dict(num_feat=num_feat, num_group=num_group, num_block=num_block, reduction=reduction)
+        kwargs = {key: given[key] for key in GENERIC_BRANCH_OPTIONS if key in branch_keys}
+        for key, value in (branch_opt or {}).items():
+            if key in GENERIC_BRANCH_OPTIONS or key not in branch_keys:
+                raise UserError(f'network_g.branch_opt: {branch_cls.__name__} has no extra option {key!r}'
+                                f'{" (it is a top-level network_g option)" if key in GENERIC_BRANCH_OPTIONS else ""}; '
+                                f'its extra options: {", ".join(k for k in branch_keys if k not in GENERIC_BRANCH_OPTIONS) or "none"}.')
+            kwargs[key] = value
+        return kwargs
+
     def diverge(self, x):
         """Run the divergence network.
 
@@ -137,7 +179,19 @@ class D2CNet(nn.Module):
         Returns:
             Tensor: the P predictions, (N, P, num_out_ch, sH, sW), roughly [0, 1] (not clamped).
         """
+        in_h, in_w = x.shape[-2:]
+        x = self._pad(x)
         mean = self.mean.to(x)
+        out_size = (x.shape[-2] * self.upscale, x.shape[-1] * self.upscale)
+        if self.upsampler == 'interpolate':
+            x = F.interpolate(x, size=out_size, mode='bicubic', align_corners=False)
+        # what every prediction is added to: the mean taken off, or the interpolated input (image-level skip)
+        if self.input_skip is None:
+            base = mean
+        elif self.upsampler == 'interpolate' and self.input_skip == 'bicubic':
+            base = x
+        else:
+            base = F.interpolate(x, size=out_size, mode=self.input_skip, align_corners=False)
         shallow = self.head((x - mean) * self.img_range)
         # feats[l][k]: output of node k on level l; level 0 is the shallow features (the root)
         feats = [[shallow]]
@@ -151,8 +205,17 @@ class D2CNet(nn.Module):
             for step, conv in enumerate(self.res_convs[leaf]):
                 level = self.tree_depth - 1 - step  # the ancestor this residual comes from
                 h = conv(h) + feats[level][leaf // self.tree_width**(self.tree_depth - level)]
-            preds.append(self.tails[leaf](h) / self.img_range + mean)
-        return torch.stack(preds, dim=1)
+            preds.append(self.tails[leaf](h) / self.img_range + base)
+        return torch.stack(preds, dim=1)[..., :in_h * self.upscale, :in_w * self.upscale]
+
+    def _pad(self, x):
+        """Pad on the bottom and right to a multiple of the branches' ``size_multiple`` (SwinIR's window)."""
+        m = self.size_multiple
+        pad_h, pad_w = -x.shape[-2] % m, -x.shape[-1] % m
+        if not pad_h and not pad_w:
+            return x
+        mode = 'reflect' if pad_h < x.shape[-2] and pad_w < x.shape[-1] else 'replicate'
+        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
     def converge(self, branches):
         """Fuse the predictions with per-pixel weights (paper Eq. 8).
@@ -214,9 +277,9 @@ def is_convergence_key(name):
     return bare_key(name).startswith(CONVERGENCE_PREFIX)
 
 
-def default_options():
-    """D2CNet's constructor defaults (the paper's setting), e.g. ``{'num_feat': 64, ...}``."""
-    params = inspect.signature(D2CNet.__init__).parameters
+def default_options(cls=None):
+    """Constructor defaults of D2CNet (the paper's setting, e.g. ``{'num_feat': 64, ...}``) or of ``cls``."""
+    params = inspect.signature((cls or D2CNet).__init__).parameters
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -238,28 +301,7 @@ def state_dict_differences(expected, loaded):
 
 
 # options that leave no trace in the weights: a checkpoint cannot tell them, the option file must
-NOT_INFERABLE = ('img_range', 'rgb_mean', 'fusion_logit_relu')
-
-
-def upsampler_scale(conv_out_channels, num_feat):
-    """The scale of BasicSR's ``Upsample`` from the output channels of its convs, in order.
-
-    x2: one conv F -> 4F; x3: one conv F -> 9F; x4: two and x8: three convs F -> 4F (each
-    followed by PixelShuffle). Used for D2CNet's tails and for the authors' tails in the converter.
-
-    Args:
-        conv_out_channels (sequence[int]): Output channels of the upsampler's convs, in order.
-        num_feat (int): F, the features entering the upsampler.
-
-    Returns:
-        int | None: 2, 3, 4 or 8; None if the convs fit none of them.
-    """
-    outs = [int(c) for c in conv_out_channels]
-    if outs == [9 * num_feat]:
-        return 3
-    if 1 <= len(outs) <= 3 and outs == [4 * num_feat] * len(outs):
-        return 2**len(outs)
-    return None
+NOT_INFERABLE = ('img_range', 'rgb_mean', 'fusion_logit_relu', 'input_skip')
 
 
 def _index_set(keys, prefix):
@@ -277,16 +319,18 @@ def infer_options(state_dict):
     """D2CNet options that a state dict determines, read from its keys and shapes.
 
     What cannot be read is listed in ``NOT_INFERABLE`` (``img_range``, ``rgb_mean``,
-    ``fusion_logit_relu``): those need the option file. ``module.`` prefixes must already be
-    removed (:func:`bare_key`).
+    ``fusion_logit_relu``, ``input_skip``): those need the option file; ``upscale`` of an
+    ``interpolate`` tail, and of a one-step ``nearest+conv`` tail (x2 or x3), neither.
+    The node's own options come from its branch class's ``read_options``.
+    ``module.`` prefixes must already be removed (:func:`bare_key`).
 
     Args:
         state_dict (dict[str, Tensor]): D2CNet weights.
 
     Returns:
         dict: some of num_in_ch, num_out_ch, num_feat, tree_depth, tree_width, num_group,
-        num_block, reduction, upscale, branch_type, num_fusion_feat (the keys that could be
-        read), plus ``num_branch`` (not an option: the number of tails).
+        num_block, reduction, upscale, branch_type, branch_opt, upsampler, num_fusion_feat
+        (the keys that could be read), plus ``num_branch`` (not an option: the number of tails).
 
     Raises:
         ValueError: the keys do not look like D2CNet's (no ``head.weight`` / ``tails.*``).
@@ -300,28 +344,15 @@ def infer_options(state_dict):
     opt['tree_depth'] = len(levels)
     opt['tree_width'] = len(_index_set(keys, 'tree.0.')) if levels else 1
     opt['num_branch'] = len(_index_set(keys, 'tails.'))
-    node = [k for k in keys if k.startswith('tree.0.0.')]
-    if any('.residual_group.' in k for k in node):
-        opt['branch_type'] = 'RCANBranch'
-        opt['num_block'] = len(_index_set(keys, 'tree.0.0.0.residual_group.'))
-        squeeze = state_dict.get('tree.0.0.0.residual_group.0.rcab.3.attention.1.weight')
-        if squeeze is not None:
-            opt['reduction'] = opt['num_feat'] // squeeze.shape[0]
-    elif any('.body.' in k for k in node):
-        opt['branch_type'] = 'EDSRBranch'
-        opt['num_block'] = len(_index_set(keys, 'tree.0.0.0.body.'))
-    if node:
-        opt['num_group'] = len(_index_set(keys, 'tree.0.0.')) - 1  # the last entry is the node's final conv
-    # tails.<leaf>.0 is BasicSR's Upsample: its convs sit at even indices, a PixelShuffle after each
-    up_convs = sorted(_index_set(keys, 'tails.0.0.'))
-    scale = upsampler_scale([state_dict[f'tails.0.0.{i}.weight'].shape[0] for i in up_convs], opt['num_feat'])
-    if scale is not None:
-        opt['upscale'] = scale
-    out_keys = [
-        k for k in keys if k.startswith('tails.0.') and k.endswith('.weight') and not k.startswith('tails.0.0.')
-    ]
-    if out_keys:
-        opt['num_out_ch'] = state_dict[out_keys[-1]].shape[0]
+    node = {k[len('tree.0.0.'):]: v for k, v in state_dict.items() if k.startswith('tree.0.0.')}
+    for name in BRANCH_REGISTRY.keys():
+        found = BRANCH_REGISTRY.get(name).read_options(node, opt['num_feat'])
+        if found is not None:
+            opt['branch_type'] = name
+            opt.update(found)
+            break
+    tail = {k[len('tails.0.'):]: v for k, v in state_dict.items() if k.startswith('tails.0.')}
+    opt.update(read_tail(tail, opt['num_feat'], opt['num_in_ch']))
     if 'convergence.0.weight' in state_dict:
         opt['num_fusion_feat'] = state_dict['convergence.0.weight'].shape[0]
     return opt

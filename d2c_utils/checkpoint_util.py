@@ -15,7 +15,7 @@ from os import path as osp
 import torch
 import yaml
 
-from d2c_arch import D2CNet, bare_key, default_options, infer_options
+from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, infer_options
 from d2c_arch.d2c_arch import state_dict_differences
 from .errors import UserError
 
@@ -226,6 +226,9 @@ def mismatch_message(net, state, net_opt, opt_source, model_desc, hint):
     differ = []
     for key, value in inferred.items():
         configured = net.num_branch if key == 'num_branch' else net_opt.get(key, defaults.get(key))
+        if key == 'branch_opt':  # compare only what the weights tell, against the branch's own defaults
+            branch_defaults = default_options(BRANCH_REGISTRY.get(net_opt.get('branch_type', defaults['branch_type'])))
+            configured = {k: (configured or {}).get(k, branch_defaults.get(k)) for k in value}
         if configured != value:
             differ.append(f'{key}: options {configured!r}, checkpoint {value!r}')
     if differ:

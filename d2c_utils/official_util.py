@@ -56,7 +56,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from d2c_arch import default_options
-from d2c_arch.d2c_arch import upsampler_scale
+from d2c_arch.upsample_util import upsampler_scale
 from .checkpoint_util import atomic_write
 from .errors import UserError
 

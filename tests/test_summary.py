@@ -51,8 +51,8 @@ def test_tree_shape_is_inferred_from_keys(overrides):
     net = D2CNet(**opt)
     inferred = infer_options(net.state_dict())
     for key, value in opt.items():
-        if key == 'reduction' and opt.get('branch_type') == 'EDSRBranch':
-            assert key not in inferred  # EDSR branches have no channel attention
+        if key in ('reduction', 'num_group') and opt.get('branch_type') == 'EDSRBranch':
+            assert key not in inferred  # EDSR branches have neither channel attention nor groups
             continue
         assert inferred[key] == value, key
     assert inferred['num_branch'] == net.num_branch
