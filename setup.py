@@ -52,6 +52,7 @@ setup(
             'd2c-infer=d2c_tools.infer:main',
             'd2c-summary=d2c_tools.summary:main',
             'd2c-convert-official=d2c_tools.convert_official:main',
+            'd2c-swap=d2c_tools.swap:main',
         ],
     },
     classifiers=[

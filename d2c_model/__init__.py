@@ -8,6 +8,7 @@ import d2c_losses  # noqa: E402,F401  (registers DivergenceLoss, ConvergenceLoss
 import d2c_metrics  # noqa: E402,F401  (registers the authors' metrics)
 from .alpha_schedule import AlphaSchedule  # noqa: E402
 from .d2c_model import D2CModel  # noqa: E402
+from .d2c_realesrnet_model import D2CRealESRNetModel  # noqa: E402
 from .model_mixin import PluginModelMixin  # noqa: E402
 
-__all__ = ['D2CModel', 'AlphaSchedule', 'PluginModelMixin']
+__all__ = ['D2CModel', 'D2CRealESRNetModel', 'AlphaSchedule', 'PluginModelMixin']
