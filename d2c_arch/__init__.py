@@ -9,15 +9,15 @@ import d2c_compat
 
 d2c_compat.apply()  # must run before the first ``import basicsr``
 
-from .branch_util import (BRANCH_REGISTRY, EDSRBranch, IMDNBranch, RCANBranch, RDNBranch,  # noqa: E402
-                          RRDBBranch, SRResNetBranch, SwinIRBranch, VDSRBranch)
+from .branch_util import BRANCH_REGISTRY, EDSRBranch, RCANBranch  # noqa: E402
 from .d2c_arch import D2CNet, bare_key, default_options, infer_options, is_convergence_key  # noqa: E402
 from .imdn_arch import IMDN  # noqa: E402
 from .rdn_arch import RDN  # noqa: E402
 from .vdsr_arch import VDSR  # noqa: E402
 
+# every branch type (SRResNetBranch, RRDBBranch, SwinIRBranch, RDNBranch, IMDNBranch, VDSRBranch, ...) is in
+# BRANCH_REGISTRY and d2c_arch.branch_util
 __all__ = [
-    'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'SRResNetBranch', 'RRDBBranch', 'SwinIRBranch',
-    'RDNBranch', 'IMDNBranch', 'VDSRBranch', 'VDSR', 'RDN', 'IMDN', 'bare_key', 'default_options', 'infer_options',
-    'is_convergence_key'
+    'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'VDSR', 'RDN', 'IMDN', 'bare_key', 'default_options',
+    'infer_options', 'is_convergence_key'
 ]

@@ -8,8 +8,7 @@ def accepted_options(cls):
     """Names of the keyword options ``cls.__init__`` takes (``**kwargs`` catch-alls excluded)."""
     params = inspect.signature(cls.__init__).parameters
     return [
-        name for name, p in params.items()
-        if name != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        name for name, p in params.items() if name != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
 
 

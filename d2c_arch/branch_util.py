@@ -27,7 +27,7 @@ import re
 
 from torch import nn as nn
 
-from basicsr.archs.arch_util import ResidualBlockNoBN, make_layer
+from basicsr.archs.arch_util import ResidualBlockNoBN
 from basicsr.archs.rcan_arch import ResidualGroup
 from basicsr.archs.rrdbnet_arch import RRDB
 from basicsr.archs.swinir_arch import RSTB, PatchEmbed, PatchUnEmbed

@@ -10,9 +10,9 @@ from torch import nn as nn
 from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
+from d2c_utils.errors import UserError
 from .arch_util import accepted_options, reject_unknown_options
 from .branch_util import BRANCH_REGISTRY
-from d2c_utils.errors import UserError
 from .upsample_util import build_tail, read_tail
 
 SUPPORTED_SCALES = (2, 3, 4, 8)
@@ -141,7 +141,8 @@ class D2CNet(nn.Module):
             nn.ModuleList([nn.Conv2d(num_feat, num_feat, 3, 1, 1) for _ in range(tree_depth)])
             for _ in range(self.num_branch)
         ])
-        self.tails = nn.ModuleList([build_tail(upsampler, upscale, num_feat, num_out_ch) for _ in range(self.num_branch)])
+        self.tails = nn.ModuleList(
+            [build_tail(upsampler, upscale, num_feat, num_out_ch) for _ in range(self.num_branch)])
         self.size_multiple = max(node.size_multiple for node in self.tree[0])
 
         fusion = [
@@ -164,9 +165,10 @@ class D2CNet(nn.Module):
         kwargs = {key: given[key] for key in GENERIC_BRANCH_OPTIONS if key in branch_keys}
         for key, value in (branch_opt or {}).items():
             if key in GENERIC_BRANCH_OPTIONS or key not in branch_keys:
-                raise UserError(f'network_g.branch_opt: {branch_cls.__name__} has no extra option {key!r}'
-                                f'{" (it is a top-level network_g option)" if key in GENERIC_BRANCH_OPTIONS else ""}; '
-                                f'its extra options: {", ".join(k for k in branch_keys if k not in GENERIC_BRANCH_OPTIONS) or "none"}.')
+                extra = ', '.join(k for k in branch_keys if k not in GENERIC_BRANCH_OPTIONS) or 'none'
+                where = ' (it is a top-level network_g option)' if key in GENERIC_BRANCH_OPTIONS else ''
+                raise UserError(f'network_g.branch_opt: {branch_cls.__name__} has no extra option {key!r}{where}; '
+                                f'its extra options: {extra}.')
             kwargs[key] = value
         return kwargs
 

@@ -49,7 +49,8 @@ class GlobalFeatureFusion(nn.Module):
     def __init__(self, num_feat, num_grow_ch, num_layer, num_block):
         super().__init__()
         self.blocks = nn.ModuleList([RDB(num_feat, num_grow_ch, num_layer) for _ in range(num_block)])
-        self.fusion = nn.Sequential(nn.Conv2d(num_block * num_feat, num_feat, 1), nn.Conv2d(num_feat, num_feat, 3, 1, 1))
+        self.fusion = nn.Sequential(
+            nn.Conv2d(num_block * num_feat, num_feat, 1), nn.Conv2d(num_feat, num_feat, 3, 1, 1))
 
     def forward(self, x):
         outs = []

@@ -11,7 +11,8 @@ into ``1e-4``, which BasicSR's PyYAML then reads as a string, and ``~`` into an 
 
 Sizing rule (``size_counterpart``): every root-to-leaf path of the tree keeps the original's
 depth (``ceil(depth / tree_depth)`` blocks per node) and the widest feature count that fits
-the budget, down to half the original's; if none fits, fewer blocks per node.
+the budget, down to half the original's; if none fits, fewer blocks per node; if even one
+block per node at half width is too large, narrower widths again from the full depth.
 """
 import copy
 import difflib
@@ -28,18 +29,27 @@ import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
 d2c_compat.apply()
 
 from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
-from d2c_arch import BRANCH_REGISTRY, D2CNet  # noqa: E402
+from d2c_arch import BRANCH_REGISTRY, D2CNet, default_options  # noqa: E402
+from d2c_arch.arch_util import accepted_options  # noqa: E402
 from d2c_arch.d2c_arch import SUPPORTED_SCALES  # noqa: E402
+from d2c_arch.upsample_util import build_tail  # noqa: E402
 from .errors import UserError  # noqa: E402
 
 # model types whose training d2c-swap knows how to keep, and what they become
 MODEL_SWAPS = {'SRModel': 'D2CModel', 'SwinIRModel': 'D2CModel', 'RealESRNetModel': 'D2CRealESRNetModel'}
 REFUSED_MODELS = {
-    'SRGANModel': 'a GAN model', 'ESRGANModel': 'a GAN model', 'RealESRGANModel': 'a GAN model',
-    'EDVRModel': 'a video model', 'VideoBaseModel': 'a video model', 'VideoGANModel': 'a video model',
-    'VideoRecurrentModel': 'a video model', 'VideoRecurrentGANModel': 'a video model',
-    'HiFaceGANModel': 'a face model', 'StyleGAN2Model': 'a face model',
-    'D2CModel': 'already D2C', 'D2CRealESRNetModel': 'already D2C'
+    'SRGANModel': 'a GAN model',
+    'ESRGANModel': 'a GAN model',
+    'RealESRGANModel': 'a GAN model',
+    'EDVRModel': 'a video model',
+    'VideoBaseModel': 'a video model',
+    'VideoGANModel': 'a video model',
+    'VideoRecurrentModel': 'a video model',
+    'VideoRecurrentGANModel': 'a video model',
+    'HiFaceGANModel': 'a face model',
+    'StyleGAN2Model': 'a face model',
+    'D2CModel': 'already D2C',
+    'D2CRealESRNetModel': 'already D2C'
 }
 DEFAULT_CONVERGENCE_FRACTION = 0.1  # as options/train_D2C_RealSR_x4.yml: 90% divergence, 10% convergence
 NAME_PREFIX = 'D2C_'
@@ -79,6 +89,28 @@ def count_parameters(arch_type, kwargs):
     return sum(p.numel() for p in net.parameters())
 
 
+def count_d2c_parameters(opt):
+    """Parameters of ``D2CNet(**opt)`` from one node and one tail (the sizing search builds hundreds).
+
+    Equal to ``sum(p.numel() for p in D2CNet(**opt).parameters())`` (a test checks it).
+    """
+    full = dict(default_options(), **opt)
+    branch_cls = BRANCH_REGISTRY.get(full['branch_type'])
+    kwargs = D2CNet._branch_kwargs(branch_cls, accepted_options(branch_cls), full['branch_opt'], full['num_feat'],
+                                   full['num_group'], full['num_block'], full['reduction'])
+    with torch.device('meta'):
+        node = branch_cls(**kwargs)
+        tail = build_tail(full['upsampler'], full['upscale'], full['num_feat'], full['num_out_ch'])
+    depth, width, feat, fusion = full['tree_depth'], full['tree_width'], full['num_feat'], full['num_fusion_feat']
+    leaves = width**depth
+    nodes = sum(width**level for level in range(1, depth + 1))
+    numel = (lambda module: sum(p.numel() for p in module.parameters()))  # noqa: E731
+    head = full['num_in_ch'] * feat * 9 + feat
+    res_convs = leaves * depth * (feat * feat * 9 + feat)
+    convergence = 9 * fusion * (full['num_out_ch'] * leaves + fusion + leaves)  # three bias-free 3x3 convs
+    return head + nodes * numel(node) + res_convs + leaves * numel(tail) + convergence
+
+
 def full_options(arch_type, net_opt):
     """``net_opt`` (without ``type``) completed with the arch's constructor defaults."""
     params = inspect.signature(ARCH_REGISTRY.get(arch_type).__init__).parameters
@@ -87,12 +119,11 @@ def full_options(arch_type, net_opt):
     return full
 
 
-def _widths(num_feat, unit):
-    """Feature counts tried, widest first: the original's, then multiples of the step down to half of it."""
+def _widths(num_feat, unit, floor):
+    """Feature counts from ``num_feat`` down to ``floor``, widest first: multiples of 8 (of ``unit`` if 8 is not)."""
     step = 8 if 8 % unit == 0 else unit
-    floor = math.ceil(num_feat / 2)
     widths = [num_feat] + [w for w in range(num_feat - num_feat % step, floor - 1, -step) if w % unit == 0]
-    return sorted({w for w in widths if w >= max(floor, unit)}, reverse=True)
+    return sorted({w for w in widths if floor <= w <= num_feat and w >= unit}, reverse=True)
 
 
 def size_counterpart(base_opt, original_depth, depth_option, budget):
@@ -118,23 +149,29 @@ def size_counterpart(base_opt, original_depth, depth_option, budget):
         return dict(base_opt, num_feat=width, **{depth_option: depth})
 
     def count(width, depth):
-        return count_parameters('D2CNet', sized(width, depth))
+        return count_d2c_parameters(sized(width, depth))
 
     if budget == 'same':
         opt = sized(base_opt['num_feat'], per_node)
         return opt, count(opt['num_feat'], per_node)
-    widths = _widths(base_opt['num_feat'], unit)
-    for depth in range(per_node, 0, -1):
-        if count(widths[-1], depth) > budget:
-            continue  # not even the narrowest width fits this depth
-        for width in widths:
-            params = count(width, depth)
-            if params <= budget:
-                return sized(width, depth), params
-    smallest = count(widths[-1], 1)
-    raise UserError(f'no D2C counterpart fits {budget:,} parameters: the smallest tried (num_feat={widths[-1]}, '
-                    f'{depth_option}=1, tree {base_opt["tree_depth"]}x{base_opt["tree_width"]}) has {smallest:,}; '
-                    'pass a larger --budget, --budget same, or a smaller tree (--tree-depth / --tree-width).')
+    num_feat = base_opt['num_feat']
+    half = math.ceil(num_feat / 2)
+    # first the widths down to half the original's, then (a small budget) narrower ones
+    for widths in (_widths(num_feat, unit, half), _widths(half - 1, unit, max(8, unit))):
+        if not widths:
+            continue
+        for depth in range(per_node, 0, -1):
+            if count(widths[-1], depth) > budget:
+                continue  # not even the narrowest width fits this depth
+            for width in widths:
+                params = count(width, depth)
+                if params <= budget:
+                    return sized(width, depth), params
+    narrowest = max(8, unit)
+    raise UserError(f'no D2C counterpart fits {budget:,} parameters: the smallest tried (num_feat={narrowest}, '
+                    f'{depth_option}=1, tree {base_opt["tree_depth"]}x{base_opt["tree_width"]}) has '
+                    f'{count(narrowest, 1):,}; pass a larger --budget, --budget same, or a smaller tree '
+                    '(--tree-depth / --tree-width).')
 
 
 @dataclass
@@ -234,7 +271,12 @@ def _network_pairs(opt, original_type, original_params, params):
     return pairs + [(key, opt[key], notes.get(key)) for key in order if opt.get(key) is not None]
 
 
-def swap_options(text, source, budget=None, tree_depth=2, tree_width=2, convergence_fraction=None,
+def swap_options(text,
+                 source,
+                 budget=None,
+                 tree_depth=2,
+                 tree_width=2,
+                 convergence_fraction=None,
                  convergence_iters=None):
     """Turn a BasicSR training option file's text into its D2C counterpart's text.
 
@@ -259,7 +301,8 @@ def swap_options(text, source, budget=None, tree_depth=2, tree_width=2, converge
         what = REFUSED_MODELS[model_type]
         fix = ('nothing to do' if what == 'already D2C' else
                'swap the PSNR-oriented pre-training file instead (e.g. train_RRDBNet_PSNR_x4.yml for ESRGAN, '
-               'train_realesrnet_x4plus.yml for Real-ESRGAN); d2c-swap handles SRModel, SwinIRModel and RealESRNetModel')
+               'train_realesrnet_x4plus.yml for Real-ESRGAN); d2c-swap handles SRModel, SwinIRModel and '
+               'RealESRNetModel')
         raise UserError(f'{source}: model_type {model_type} is {what}; {fix}.')
     if model_type not in MODEL_SWAPS:
         raise UserError(f'{source}: model_type {model_type!r} is not one d2c-swap knows; it handles '
@@ -337,9 +380,10 @@ def swap_options(text, source, budget=None, tree_depth=2, tree_width=2, converge
     _, train_node = _child(root, 'train')
     total_key, total_node = _child(train_node, 'total_iter')
     tab = total_key.start_mark.column
-    phases = (f'\n{" " * tab}phases:  # D2C: train the branches, then freeze them and train the fusion; the lengths '
-              f'add up to total_iter\n{" " * tab}  - name: divergence\n{" " * tab}    iters: {total - convergence_iters}'
-              f'\n{" " * tab}  - name: convergence\n{" " * tab}    iters: {convergence_iters}')
+    pad = ' ' * tab
+    phases = (f'\n{pad}phases:  # D2C: train the branches, then freeze them and train the fusion; the lengths add '
+              f'up to total_iter\n{pad}  - name: divergence\n{pad}    iters: {total - convergence_iters}'
+              f'\n{pad}  - name: convergence\n{pad}    iters: {convergence_iters}')
     end = _line_end(text, total_node.end_mark.index)
     edits.append((end, end, phases))
     pixel_key, _ = _child(train_node, 'pixel_opt')
