@@ -12,7 +12,8 @@ into ``1e-4``, which BasicSR's PyYAML then reads as a string, and ``~`` into an 
 Sizing rule (``size_counterpart``): every root-to-leaf path of the tree keeps the original's
 depth (``ceil(depth / tree_depth)`` blocks per node) and the widest feature count that fits
 the budget, down to half the original's; if none fits, fewer blocks per node; if even one
-block per node at half width is too large, narrower widths again from the full depth.
+block per node at half width is too large, narrower widths again from the full depth; for
+budgets below the paper's 46k-parameter convergence network, a narrower one (32, then 16).
 """
 import copy
 import difflib
@@ -53,6 +54,7 @@ REFUSED_MODELS = {
 }
 DEFAULT_CONVERGENCE_FRACTION = 0.1  # as options/train_D2C_RealSR_x4.yml: 90% divergence, 10% convergence
 NAME_PREFIX = 'D2C_'
+FUSION_WIDTHS = (64, 32, 16)  # hidden channels of the convergence network, tried in this order
 
 
 def originals():
@@ -156,17 +158,19 @@ def size_counterpart(base_opt, original_depth, depth_option, budget):
         return opt, count(opt['num_feat'], per_node)
     num_feat = base_opt['num_feat']
     half = math.ceil(num_feat / 2)
-    # first the widths down to half the original's, then (a small budget) narrower ones
-    for widths in (_widths(num_feat, unit, half), _widths(half - 1, unit, max(8, unit))):
-        if not widths:
-            continue
-        for depth in range(per_node, 0, -1):
-            if count(widths[-1], depth) > budget:
-                continue  # not even the narrowest width fits this depth
-            for width in widths:
-                params = count(width, depth)
-                if params <= budget:
-                    return sized(width, depth), params
+    for fusion in FUSION_WIDTHS:  # the paper's 64 first; a narrower convergence network only for tiny budgets
+        base_opt = dict(base_opt, num_fusion_feat=fusion)
+        # first the widths down to half the original's, then (a small budget) narrower ones
+        for widths in (_widths(num_feat, unit, half), _widths(half - 1, unit, max(8, unit))):
+            if not widths:
+                continue
+            for depth in range(per_node, 0, -1):
+                if count(widths[-1], depth) > budget:
+                    continue  # not even the narrowest width fits this depth
+                for width in widths:
+                    params = count(width, depth)
+                    if params <= budget:
+                        return sized(width, depth), params
     narrowest = max(8, unit)
     raise UserError(f'no D2C counterpart fits {budget:,} parameters: the smallest tried (num_feat={narrowest}, '
                     f'{depth_option}=1, tree {base_opt["tree_depth"]}x{base_opt["tree_width"]}) has '
@@ -348,7 +352,7 @@ def swap_options(text,
     total = int(train_opt['total_iter'])
     if convergence_iters is None:
         fraction = DEFAULT_CONVERGENCE_FRACTION if convergence_fraction is None else convergence_fraction
-        convergence_iters = int(round(total * fraction))
+        convergence_iters = max(1, int(round(total * fraction)))
     if not 0 < convergence_iters < total:
         raise UserError(f'a convergence phase of {convergence_iters} iterations does not fit train.total_iter='
                         f'{total}; it must be between 1 and total_iter - 1.')
