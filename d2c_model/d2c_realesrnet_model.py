@@ -1,10 +1,20 @@
 """D2C trained from HR photos alone: Real-ESRNet's on-the-fly degradations in front of D2CModel."""
 import torch
 
+from basicsr.models import realesrnet_model
 from basicsr.models.realesrnet_model import RealESRNetModel
 from basicsr.utils import DiffJPEG, USMSharp
 from basicsr.utils.registry import MODEL_REGISTRY
 from .d2c_model import D2CModel
+
+
+def _filter2d_any_layout(img, kernel, _filter2d=realesrnet_model.filter2D):
+    # BasicSR's filter2D calls .view() on its input; on CPU the JPEG simulator hands it a
+    # non-contiguous tensor ("view size is not compatible"), so it gets a contiguous one
+    return _filter2d(img.contiguous(), kernel)
+
+
+realesrnet_model.filter2D = _filter2d_any_layout
 
 
 @MODEL_REGISTRY.register()

@@ -47,10 +47,10 @@ datasets:
   val:
     name: Set5
     type: PairedImageDataset
-    dataroot_gt: {gt}
-    dataroot_lq: {lq}
+    dataroot_gt: {val_gt}
+    dataroot_lq: {val_lq}
     io_backend:
-      type: {backend}
+      type: disk
 
 # network structures
 network_g:
@@ -132,6 +132,7 @@ def basicsr_file(tmp_path, network, scale=4, backend='disk', pretrain='~', total
     """A BasicSR-shaped training file on tiny data under tmp_path; returns (path, text)."""
     root = tmp_path / 'data'
     hr, lr = make_pairs(str(root), num=4, hr_size=8 * scale * 2, scale=scale)
+    val_gt, val_lq = hr, lr  # BasicSR cannot open one LMDB twice in a process: validation reads the PNGs
     if backend == 'lmdb':
         names = sorted(os.listdir(hr))
         for folder in (hr, lr):
@@ -143,6 +144,8 @@ def basicsr_file(tmp_path, network, scale=4, backend='disk', pretrain='~', total
         scale=scale,
         gt=hr,
         lq=lr,
+        val_gt=val_gt,
+        val_lq=val_lq,
         backend=backend,
         meta_info='      # (for lmdb)\n      # type: lmdb' if backend == 'disk' else '',
         gt_size=8 * scale,
@@ -379,7 +382,7 @@ network_g:
   num_in_ch: 3
   num_out_ch: 3
   num_feat: 16
-  num_block: 2
+  num_block: 8
   num_grow_ch: 8
 
 # path
