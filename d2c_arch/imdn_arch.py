@@ -21,9 +21,9 @@ class ContrastChannelAttention(nn.Module):
 
     def __init__(self, num_feat, reduction=16):
         super().__init__()
+        hidden = max(1, num_feat // reduction)  # narrow test networks keep one channel
         self.excite = nn.Sequential(
-            nn.Conv2d(num_feat, num_feat // reduction, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(num_feat // reduction, num_feat, 1), nn.Sigmoid())
+            nn.Conv2d(num_feat, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, num_feat, 1), nn.Sigmoid())
 
     def forward(self, x):
         mean = x.mean(dim=(2, 3), keepdim=True)

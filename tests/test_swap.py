@@ -115,7 +115,8 @@ dist_params:
 NETWORKS = {
     'EDSR': ('  type: EDSR\n  num_in_ch: 3\n  num_out_ch: 3\n  num_feat: 16\n  num_block: 4\n  upscale: {scale}\n'
              '  res_scale: 1\n  img_range: 255.\n  rgb_mean: [0.4488, 0.4371, 0.4040]'),
-    'MSRResNet': '  type: MSRResNet\n  num_in_ch: 3\n  num_out_ch: 3\n  num_feat: 16\n  num_block: 4\n  upscale: {scale}',
+    'MSRResNet': ('  type: MSRResNet\n  num_in_ch: 3\n  num_out_ch: 3\n  num_feat: 16\n  num_block: 4\n'
+                  '  upscale: {scale}'),
     'RRDBNet': ('  type: RRDBNet\n  num_in_ch: 3\n  num_out_ch: 3\n  scale: {scale}\n  num_feat: 16\n  num_block: 8\n'
                 '  num_grow_ch: 8'),
     'RCAN': ('  type: RCAN\n  num_in_ch: 3\n  num_out_ch: 3\n  num_feat: 32\n  num_group: 4\n  num_block: 2\n'
@@ -170,8 +171,7 @@ def changed_keys(old, new, prefix=''):
 
 
 @pytest.mark.parametrize('network,scale,backend', [('EDSR', 4, 'disk'), ('MSRResNet', 4, 'lmdb'),
-                                                   ('RRDBNet', 4, 'disk'), ('RCAN', 2, 'lmdb'),
-                                                   ('SwinIR', 4, 'disk')])
+                                                   ('RRDBNet', 4, 'disk'), ('RCAN', 2, 'lmdb'), ('SwinIR', 4, 'disk')])
 def test_swap_keeps_every_other_line_and_shrinks(tmp_path, network, scale, backend):
     path, text = basicsr_file(tmp_path, network, scale, backend, pretrain='experiments/old/net_g_300000.pth')
     result = swap_options(text, path)
@@ -180,7 +180,8 @@ def test_swap_keeps_every_other_line_and_shrinks(tmp_path, network, scale, backe
     # what d2c-swap changes, and nothing else (loaded the way BasicSR loads option files)
     assert set(changed_keys(old, new)) - {'network_g'} <= {
         'name', 'model_type', 'path.pretrain_network_g', 'train.phases', 'train.divergence_opt'
-    } | {k for k in changed_keys(old, new) if k.startswith('network_g.')}
+    } | {k
+         for k in changed_keys(old, new) if k.startswith('network_g.')}
     assert new['name'] == f'D2C_swap_{network}'
     assert new['model_type'] == 'D2CModel'
     assert new['path']['pretrain_network_g'] is None and 'path.pretrain_network_g cleared' in result.notices[0]
@@ -201,8 +202,10 @@ def test_swap_keeps_every_other_line_and_shrinks(tmp_path, network, scale, backe
     # the network: the original's basic module, at most the original's parameters
     net = new['network_g']
     assert net['type'] == 'D2CNet' and net['upscale'] == scale
-    assert net['branch_type'] == {'MSRResNet': 'SRResNetBranch', 'RRDBNet': 'RRDBBranch'}.get(
-        network, f'{network}Branch')
+    assert net['branch_type'] == {
+        'MSRResNet': 'SRResNetBranch',
+        'RRDBNet': 'RRDBBranch'
+    }.get(network, f'{network}Branch')
     original = count_parameters(network, full_options(network, old['network_g']))
     assert result.original_params == original
     assert result.params == count_parameters('D2CNet', {k: v for k, v in net.items() if k != 'type'}) <= original
@@ -216,7 +219,12 @@ def test_hyper_parameters_are_carried_over(tmp_path):
     _, text = basicsr_file(tmp_path, 'SwinIR')
     net = yaml.safe_load(swap_options(text, 'x.yml', budget='same').text)['network_g']
     assert net['branch_opt'] == {
-        'depth': 2, 'num_heads': 2, 'window_size': 4, 'mlp_ratio': 2, 'img_size': 8, 'resi_connection': '1conv',
+        'depth': 2,
+        'num_heads': 2,
+        'window_size': 4,
+        'mlp_ratio': 2,
+        'img_size': 8,
+        'resi_connection': '1conv',
         'drop_path_rate': 0.1
     }
     assert (net['num_feat'], net['num_block'], net['upsampler']) == (24, 1, 'pixelshuffle')
@@ -268,7 +276,8 @@ def test_unknown_network_and_cli_errors(tmp_path, capsys):
     capsys.readouterr()
     assert swap_cli.main([path, '--check']) == 0
     out = capsys.readouterr().out
-    assert 'EDSR: ' in out and 'D2CNet (EDSRBranch' in out and '+model_type: D2CModel' in out and 'nothing written' in out
+    assert 'EDSR: ' in out and 'D2CNet (EDSRBranch' in out and '+model_type: D2CModel' in out
+    assert 'nothing written' in out
 
 
 def _train(cmd, cwd):
@@ -279,8 +288,7 @@ def _train(cmd, cwd):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('network,scale,backend', [('EDSR', 4, 'lmdb'), ('MSRResNet', 4, 'disk'),
-                                                   ('RRDBNet', 4, 'lmdb'), ('RCAN', 2, 'disk'),
-                                                   ('SwinIR', 4, 'lmdb')])
+                                                   ('RRDBNet', 4, 'lmdb'), ('RCAN', 2, 'disk'), ('SwinIR', 4, 'lmdb')])
 def test_swapped_file_trains(tmp_path, network, scale, backend):
     """The swapped file trains unchanged through both phases with our entry point."""
     path, _ = basicsr_file(tmp_path, network, scale, backend)
@@ -294,8 +302,9 @@ def test_swapped_file_trains(tmp_path, network, scale, backend):
 @pytest.mark.slow
 def test_swapped_file_trains_with_stock_basicsr(tmp_path):
     """``python -m basicsr.train -opt NEW.yml`` (BasicSR's own entry point, plugin autoloaded)."""
-    import basicsr
     import shutil
+
+    import basicsr
     path, _ = basicsr_file(tmp_path, 'MSRResNet', 4, 'lmdb')
     new = str(tmp_path / 'd2c.yml')
     assert swap_cli.main([path, '-o', new]) == 0
