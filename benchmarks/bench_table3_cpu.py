@@ -28,6 +28,7 @@ reproduction of the paper's values.
 """
 import argparse
 import json
+import logging
 import os
 import os.path as osp
 import shutil
@@ -41,6 +42,7 @@ import yaml  # noqa: E402
 
 import d2c_model  # noqa: E402,F401  (registers D2CNet, IMDN, the losses and D2CModel; applies the compat shim)
 from basicsr.utils import img2tensor, tensor2img  # noqa: E402
+from basicsr.utils import logger as basicsr_logger  # noqa: E402
 from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
 from d2c_tools import train as d2c_train  # noqa: E402
 from d2c_utils.checkpoint_util import load_checkpoint, load_model, select_state_dict  # noqa: E402
@@ -155,6 +157,12 @@ def train(opt_path, name, work):
     exp_dir = osp.join(work, 'experiments', name)
     if osp.isdir(exp_dir):  # a previous run of the same configuration; BasicSR would archive it
         shutil.rmtree(exp_dir)
+    # BasicSR sets its logger up once per process; forget it so that this run logs to its own folder
+    root_logger = logging.getLogger('basicsr')
+    for handler in list(root_logger.handlers):
+        root_logger.removeHandler(handler)
+        handler.close()
+    basicsr_logger.initialized_logger.pop('basicsr', None)
     cwd = os.getcwd()
     os.chdir(work)
     start = time.time()
