@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CPU-scale check of the paper's Table 3: the D2C structure on other networks.
 
-    python benchmarks/bench_table3_cpu.py --data /path/to/DRealSR_x4_test_crops [--iters 300]
+    python benchmarks/bench_table3_cpu.py --data /path/to/DRealSR_x4_test_crops [--iters 1000]
         [--backbones msrresnet imdn] [--work results/bench_table3] [--seed 0]
 
 D2C-SR's Table 3 claims that applying the D2C structure to other networks (SRResNet, IMDN, ...)
@@ -54,7 +54,7 @@ from d2c_utils.swap_util import swap_options  # noqa: E402
 SCALE = 4
 # backbone flag -> (BasicSR arch type, label as in the paper's Table 3)
 BACKBONES = {'msrresnet': ('MSRResNet', 'SRResNet'), 'imdn': ('IMDN', 'IMDN')}
-DEFAULT_ITERS = 300
+DEFAULT_ITERS = 1000
 
 ORIGINAL_OPT = """\
 # {label} (original network) for bench_table3_cpu.py; its D2C counterpart is made from this file
@@ -348,15 +348,23 @@ def main(argv=None):
         help='Adam learning rate, halved at half of --iters '
         '(default: %(default)s; high because the runs are short)')
     parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads (default: %(default)s: on a shared 2-core machine, 2 OpenMP threads made an '
+        'iteration of the D2C networks, which run many small operations, 5-50 times slower than 1 thread)')
+    parser.add_argument(
         '--holdout-every', type=int, default=5, help='hold out every N-th pair by sorted name (default: %(default)s)')
     args = parser.parse_args(argv)
     if args.iters < 10:
         parser.error('--iters must be at least 10 (the convergence phase is 10%% of it)')
+    if args.threads < 1:
+        parser.error('--threads must be at least 1')
     if args.holdout_every < 2:
         parser.error('--holdout-every must be at least 2')
     args.data = osp.abspath(bench_util.photo_pairs_dir(args.data, '--data'))
     args.work = osp.abspath(args.work)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     start = time.time()
 
     train_names, test_names = split_pairs(args.data, args.holdout_every)
@@ -375,8 +383,9 @@ def main(argv=None):
     caption = (f'Held-out {len(test_names)} pairs of {args.data} (x{SCALE}, whole LR images), Y-channel PSNR/SSIM '
                f'with a {SCALE}-pixel border shaved; every network trained {args.iters} iterations (batch '
                f'{args.batch}, HR patch {args.gt_size}, Adam lr {args.lr:g}, L1; D2C: 90% divergence / 10% '
-               f'convergence) on CPU, seed {args.seed}. Split: {split}. "best branch" is the D2C branch with the '
-               'highest mean PSNR (its number in brackets); "oracle" takes every pixel from the branch closest to HR.')
+               f'convergence) on CPU (torch threads: {torch.get_num_threads()}), seed {args.seed}. Split: {split}. '
+               '"best branch" is the D2C branch with the highest mean PSNR (its number in brackets); "oracle" takes '
+               'every pixel from the branch closest to HR.')
     os.makedirs(args.work, exist_ok=True)
     result = {
         'caption': caption,
