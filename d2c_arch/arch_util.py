@@ -1,5 +1,9 @@
-"""What every architecture of the plugin shares: option checking with messages a user can act on."""
+"""What the plugin's architectures share: option checking with messages a user can act on, and
+the block-chain-with-concatenated-fusion body of RDN and IMDN."""
 import inspect
+
+import torch
+from torch import nn as nn
 
 from d2c_utils.errors import UserError
 
@@ -36,3 +40,19 @@ def reject_unknown_options(cls, unknown, where='network_g', hints=None):
     hint = (hints or {}).get(key, '')
     raise UserError(f'{where}: {cls.__name__} has no option {key!r}{others}; {hint}'
                     f'it accepts: {", ".join(accepted_options(cls))}.')
+
+
+class ConcatFusionChain(nn.Module):
+    """Blocks in a row whose outputs are all concatenated and fused: RDN's global feature fusion,
+    IMDN's distillation concat. Subclasses set ``self.blocks`` (a ModuleList) and ``self.fusion``
+    (``num_block * F`` channels -> ``F``).
+
+    Shapes: ``(N, F, H, W)`` -> ``(N, F, H, W)``.
+    """
+
+    def forward(self, x):
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return self.fusion(torch.cat(outs, dim=1))

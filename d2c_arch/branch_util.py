@@ -53,6 +53,18 @@ def _no_mean(num_ch):
     return [0.] * num_ch
 
 
+def _counterpart(net_opt, upsampler, **extra):
+    """D2CNet options of an original with ``num_feat``/``num_block`` and no mean shift, and its depth."""
+    opt = dict(
+        num_feat=net_opt['num_feat'],
+        num_block=net_opt['num_block'],
+        img_range=1.,
+        rgb_mean=_no_mean(net_opt['num_in_ch']),
+        upsampler=upsampler,
+        **extra)
+    return opt, net_opt['num_block']
+
+
 class _Branch:
     """Defaults of the branch protocol (see the module docstring)."""
     original = None
@@ -189,14 +201,7 @@ class SRResNetBranch(_Branch, nn.Sequential):
 
     @classmethod
     def counterpart(cls, net_opt):
-        opt = dict(
-            num_feat=net_opt['num_feat'],
-            num_block=net_opt['num_block'],
-            img_range=1.,
-            rgb_mean=_no_mean(net_opt['num_in_ch']),
-            upsampler='pixelshuffle',
-            input_skip='bilinear')
-        return opt, net_opt['num_block']
+        return _counterpart(net_opt, 'pixelshuffle', input_skip='bilinear')
 
 
 @BRANCH_REGISTRY.register()
@@ -229,14 +234,7 @@ class RRDBBranch(_Branch, nn.Sequential):
 
     @classmethod
     def counterpart(cls, net_opt):
-        opt = dict(
-            num_feat=net_opt['num_feat'],
-            num_block=net_opt['num_block'],
-            img_range=1.,
-            rgb_mean=_no_mean(net_opt['num_in_ch']),
-            upsampler='nearest+conv',
-            branch_opt={'num_grow_ch': net_opt['num_grow_ch']})
-        return opt, net_opt['num_block']
+        return _counterpart(net_opt, 'nearest+conv', branch_opt={'num_grow_ch': net_opt['num_grow_ch']})
 
 
 @BRANCH_REGISTRY.register()
@@ -404,17 +402,8 @@ class RDNBranch(_Branch, GlobalFeatureFusion):
 
     @classmethod
     def counterpart(cls, net_opt):
-        opt = dict(
-            num_feat=net_opt['num_feat'],
-            num_block=net_opt['num_block'],
-            img_range=1.,
-            rgb_mean=_no_mean(net_opt['num_in_ch']),
-            upsampler='pixelshuffle',
-            branch_opt={
-                'num_layer': net_opt['num_layer'],
-                'num_grow_ch': net_opt['num_grow_ch']
-            })
-        return opt, net_opt['num_block']
+        branch_opt = {'num_layer': net_opt['num_layer'], 'num_grow_ch': net_opt['num_grow_ch']}
+        return _counterpart(net_opt, 'pixelshuffle', branch_opt=branch_opt)
 
 
 @BRANCH_REGISTRY.register()
@@ -444,13 +433,7 @@ class IMDNBranch(_Branch, DistillationFusion):
 
     @classmethod
     def counterpart(cls, net_opt):
-        opt = dict(
-            num_feat=net_opt['num_feat'],
-            num_block=net_opt['num_block'],
-            img_range=1.,
-            rgb_mean=_no_mean(net_opt['num_in_ch']),
-            upsampler='pixelshuffledirect')
-        return opt, net_opt['num_block']
+        return _counterpart(net_opt, 'pixelshuffledirect')
 
 
 @BRANCH_REGISTRY.register()
@@ -484,11 +467,4 @@ class VDSRBranch(_Branch, nn.Sequential):
 
     @classmethod
     def counterpart(cls, net_opt):
-        opt = dict(
-            num_feat=net_opt['num_feat'],
-            num_block=net_opt['num_block'],
-            img_range=1.,
-            rgb_mean=_no_mean(net_opt['num_in_ch']),
-            upsampler='interpolate',
-            input_skip='bicubic')
-        return opt, net_opt['num_block']
+        return _counterpart(net_opt, 'interpolate', input_skip='bicubic')

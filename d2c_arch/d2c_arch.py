@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from d2c_utils.errors import UserError
 from .arch_util import accepted_options, reject_unknown_options
-from .branch_util import BRANCH_REGISTRY
+from .branch_util import BRANCH_REGISTRY, _indices
 from .upsample_util import build_tail, read_tail
 
 SUPPORTED_SCALES = (2, 3, 4, 8)
@@ -306,17 +306,6 @@ def state_dict_differences(expected, loaded):
 NOT_INFERABLE = ('img_range', 'rgb_mean', 'fusion_logit_relu', 'input_skip')
 
 
-def _index_set(keys, prefix):
-    """Distinct integers right after ``prefix`` in ``keys`` (``tails.3.x`` -> 3 for prefix ``tails.``)."""
-    found = set()
-    for key in keys:
-        if key.startswith(prefix):
-            head = key[len(prefix):].split('.', 1)[0]
-            if head.isdigit():
-                found.add(int(head))
-    return found
-
-
 def infer_options(state_dict):
     """D2CNet options that a state dict determines, read from its keys and shapes.
 
@@ -338,14 +327,14 @@ def infer_options(state_dict):
         ValueError: the keys do not look like D2CNet's (no ``head.weight`` / ``tails.*``).
     """
     keys = list(state_dict)
-    if 'head.weight' not in state_dict or not _index_set(keys, 'tails.'):
+    if 'head.weight' not in state_dict or not _indices(keys, r'tails\.(\d+)\.'):
         raise ValueError(f'the weights do not look like D2CNet (no head.weight / tails.*); first keys: {keys[:5]}')
     head = state_dict['head.weight']
     opt = {'num_feat': head.shape[0], 'num_in_ch': head.shape[1]}
-    levels = _index_set(keys, 'tree.')
+    levels = _indices(keys, r'tree\.(\d+)\.')
     opt['tree_depth'] = len(levels)
-    opt['tree_width'] = len(_index_set(keys, 'tree.0.')) if levels else 1
-    opt['num_branch'] = len(_index_set(keys, 'tails.'))
+    opt['tree_width'] = len(_indices(keys, r'tree\.0\.(\d+)\.')) if levels else 1
+    opt['num_branch'] = len(_indices(keys, r'tails\.(\d+)\.'))
     node = {k[len('tree.0.0.'):]: v for k, v in state_dict.items() if k.startswith('tree.0.0.')}
     for name in BRANCH_REGISTRY.keys():
         found = BRANCH_REGISTRY.get(name).read_options(node, opt['num_feat'])

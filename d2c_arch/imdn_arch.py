@@ -8,7 +8,7 @@ from torch import nn as nn
 
 from basicsr.archs.swinir_arch import UpsampleOneStep
 from basicsr.utils.registry import ARCH_REGISTRY
-from .arch_util import reject_unknown_options
+from .arch_util import ConcatFusionChain, reject_unknown_options
 
 NEGATIVE_SLOPE = 0.05  # IMDN's LeakyReLU
 
@@ -68,7 +68,7 @@ class IMDB(nn.Module):
         return self.cca(self.c5(torch.cat(kept, dim=1))) + x
 
 
-class DistillationFusion(nn.Module):
+class DistillationFusion(ConcatFusionChain):
     """IMDN's body: ``num_block`` IMDBs whose outputs are concatenated, fused by a 1x1 conv with
     LeakyReLU, then a 3x3 conv.
 
@@ -81,13 +81,6 @@ class DistillationFusion(nn.Module):
         self.fusion = nn.Sequential(
             nn.Conv2d(num_block * num_feat, num_feat, 1), nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
             nn.Conv2d(num_feat, num_feat, 3, 1, 1))
-
-    def forward(self, x):
-        outs = []
-        for block in self.blocks:
-            x = block(x)
-            outs.append(x)
-        return self.fusion(torch.cat(outs, dim=1))
 
 
 @ARCH_REGISTRY.register()

@@ -7,7 +7,7 @@ from torch import nn as nn
 
 from basicsr.archs.arch_util import Upsample
 from basicsr.utils.registry import ARCH_REGISTRY
-from .arch_util import reject_unknown_options
+from .arch_util import ConcatFusionChain, reject_unknown_options
 
 
 class RDB(nn.Module):
@@ -40,7 +40,7 @@ class RDB(nn.Module):
         return self.fusion(torch.cat(feats, dim=1)) + x
 
 
-class GlobalFeatureFusion(nn.Module):
+class GlobalFeatureFusion(ConcatFusionChain):
     """RDN's global feature fusion: the outputs of all RDBs, concatenated, through 1x1 and 3x3 convs.
 
     Shapes: ``(N, F, H, W)`` -> ``(N, F, H, W)``.
@@ -51,13 +51,6 @@ class GlobalFeatureFusion(nn.Module):
         self.blocks = nn.ModuleList([RDB(num_feat, num_grow_ch, num_layer) for _ in range(num_block)])
         self.fusion = nn.Sequential(
             nn.Conv2d(num_block * num_feat, num_feat, 1), nn.Conv2d(num_feat, num_feat, 3, 1, 1))
-
-    def forward(self, x):
-        outs = []
-        for block in self.blocks:
-            x = block(x)
-            outs.append(x)
-        return self.fusion(torch.cat(outs, dim=1))
 
 
 @ARCH_REGISTRY.register()
