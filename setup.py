@@ -44,7 +44,14 @@ setup(
     cmdclass={'build_py': BuildPyWithAutoload},
     install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb'],
     # the lint tools are pinned so that `make lint` gives the same verdict everywhere; yapf comes with basicsr
-    extras_require={'test': ['pytest', 'ruff==0.17.6', 'yapf==0.43.0']},
+    # onnx: d2c-export and `d2c-infer --backend onnxruntime`; openvino: `--backend openvino` (the fastest measured
+    # on CPUs, what `--backend auto` takes when installed); spandrel: loading D2C checkpoints in chaiNNer / ComfyUI
+    extras_require={
+        'test': ['pytest', 'ruff==0.17.6', 'yapf==0.43.0'],
+        'onnx': ['onnx>=1.16', 'onnxscript>=0.3', 'onnxruntime>=1.18'],
+        'openvino': ['openvino>=2024.0', 'onnx>=1.16', 'onnxscript>=0.3'],
+        'spandrel': ['spandrel>=0.4'],
+    },
     entry_points={
         'console_scripts': [
             'd2c-train=d2c_tools.train:main',
@@ -53,6 +60,7 @@ setup(
             'd2c-summary=d2c_tools.summary:main',
             'd2c-convert-official=d2c_tools.convert_official:main',
             'd2c-swap=d2c_tools.swap:main',
+            'd2c-export=d2c_tools.export:main',
         ],
     },
     classifiers=[

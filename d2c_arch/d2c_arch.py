@@ -211,9 +211,18 @@ class D2CNet(nn.Module):
         return torch.stack(preds, dim=1)[..., :in_h * self.upscale, :in_w * self.upscale]
 
     def _pad(self, x):
-        """Pad on the bottom and right to a multiple of the branches' ``size_multiple`` (SwinIR's window)."""
+        """Pad on the bottom and right to a multiple of the branches' ``size_multiple`` (SwinIR's window).
+
+        In an exported graph (ONNX) the pad is always there and always reflects, so the graph
+        holds for every input size; such a graph needs inputs of at least ``size_multiple`` pixels.
+        """
         m = self.size_multiple
+        if m == 1:
+            return x
         pad_h, pad_w = -x.shape[-2] % m, -x.shape[-1] % m
+        if _tracing():
+            # an exported graph must hold the pad for every input size, not the branch the example took
+            return F.pad(x, (0, pad_w, 0, pad_h), mode='reflect')
         if not pad_h and not pad_w:
             return x
         mode = 'reflect' if pad_h < x.shape[-2] and pad_w < x.shape[-1] else 'replicate'
@@ -267,6 +276,12 @@ class D2CNet(nn.Module):
         if return_branches:
             return sr, branches, weights
         return sr
+
+
+def _tracing():
+    """True while torch.export / torch.onnx.export or the TorchScript tracer records the network."""
+    exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+    return exporting() or torch.jit.is_tracing()
 
 
 def bare_key(name):

@@ -2,6 +2,12 @@
 
     d2c-infer -i photo.png --model net_g_latest.pth --opt options/train_D2C_RealSR_x4.yml
     python -m d2c_tools.infer -i photos/ -o results/infer --model ... --opt ... --tile 128
+    d2c-infer -i photos/ --model D2C_x4.onnx --backend onnxruntime      (a file written by d2c-export)
+
+Backends: torch (PyTorch), onnxruntime, openvino (pip install "d2c-sr[onnx]" / "d2c-sr[openvino]").
+The default, auto, takes the fastest one installed as measured for this project (OpenVINO on a
+CPU, then PyTorch; PyTorch on CUDA) and says which; a .pth checkpoint is exported to ONNX once
+and kept in --cache-dir. Tiling, image kinds, outputs and metrics are the same on every backend.
 
 Writes ``<name>_<suffix>.<ext>`` for every input image (an image or a folder of images) and,
 on request, every branch's prediction, the weight maps as heatmaps, a grid picture and
@@ -24,6 +30,7 @@ from d2c_utils.errors import ImageError, UserError, report_user_error
 from d2c_utils.img_util import list_inputs
 from d2c_utils.infer_util import OutputOptions, process_image, select_device, select_precision, write_metrics
 from d2c_utils.precision_util import precision_name
+from d2c_utils.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
 from d2c_utils.tile_util import GuardedForward, prepare_network
 
 PROG = 'd2c-infer'
@@ -52,7 +59,8 @@ def parse_args(argv):
         choices=['auto', 'png', 'jpg'],
         help="output format; auto = the input's (PNG where the format cannot hold alpha or 16 bits)")
     model = parser.add_argument_group('model')
-    model.add_argument('-m', '--model', required=True, help='checkpoint written by training (.pth)')
+    model.add_argument(
+        '-m', '--model', required=True, help='checkpoint written by training (.pth), or an ONNX file from d2c-export')
     model.add_argument(
         '--opt',
         default=None,
@@ -61,13 +69,25 @@ def parse_args(argv):
     model.add_argument(
         '--param-key', default=None, help='state dict in the checkpoint (default: params_ema if present, else params)')
     run = parser.add_argument_group('running')
+    run.add_argument(
+        '--backend',
+        default='auto',
+        choices=BACKENDS,
+        help='what runs the network: auto = the fastest installed (OpenVINO, then PyTorch on a CPU; PyTorch on '
+        'CUDA), or torch, onnxruntime, openvino (default: %(default)s)')
+    run.add_argument(
+        '--cache-dir',
+        default=None,
+        help='where a .pth checkpoint exported for ONNX Runtime / OpenVINO is kept, so later runs skip the export; '
+        f'"" = no cache (default: ${{{"D2C_SR_CACHE"}}}, else ~/.cache/d2c-sr)')
     run.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: %(default)s')
     run.add_argument(
         '--precision',
         default='auto',
         choices=['auto', 'fp32', 'bf16', 'fp16'],
         help='arithmetic of the forward pass (autocast): auto = bf16 on a CPU with native bf16 '
-        '(AVX512-BF16/AMX), fp16 on CUDA, fp32 otherwise; fp16 needs CUDA. A reduced precision '
+        '(AVX512-BF16/AMX), fp16 on CUDA, fp32 otherwise; fp16 needs CUDA. OpenVINO: auto = its '
+        "CPU default (the same rule); ONNX Runtime: the file's precision. A reduced precision "
         'that gives non-finite or broken output falls back to fp32 with a warning (default: '
         '%(default)s)')
     run.add_argument(
@@ -130,22 +150,59 @@ def warn(message):
     tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr)
 
 
+def open_model(args, backend, device):
+    """The network to run (D2CNet or an exported one), its description and the autocast dtype."""
+    if backend == 'torch':
+        dtype = select_precision(args.precision, device, warn)
+        net, info = load_model(args.model, args.opt, args.param_key, device)
+        prepare_network(net, args.channels_last)
+    else:
+        need_branches = args.save_branches or args.save_weights or args.reference is not None
+        net, info = None, {'opt_source': f'{args.model} (exported)', 'warnings': []}
+        if not args.model.lower().endswith('.onnx'):  # a checkpoint: export it (once, cached)
+            net, info = load_model(args.model, args.opt, args.param_key, 'cpu')
+        cache = default_cache_dir() if args.cache_dir is None else args.cache_dir
+        log = lambda message: print(f'{PROG}: {message}', file=sys.stderr)  # noqa: E731
+        model = load_runtime_model(
+            args.model, backend, device, 'all' if need_branches else 'fused', net, info, cache, log=log)
+        if need_branches and not model.has_branches:
+            raise UserError(f'{args.model} has only the fused output; --save-branches, --save-weights and --reference '
+                            'need a file exported with d2c-export --outputs all')
+        dtype = runtime_precision(args.precision, model, device)
+        net = model
+        info['prepared'] = f'{model.meta["precision"]} file'
+    for line in info['warnings']:
+        warn(f'{args.model}: {line}')
+    return net, info, dtype
+
+
+def runtime_precision(precision, model, device):
+    """The autocast-style dtype an exported model runs in for ``--precision`` (None: fp32)."""
+    if model.backend == 'onnxruntime':
+        if precision in ('auto', 'fp32'):
+            return None
+        raise UserError(f'--precision {precision}: ONNX Runtime runs the precision the file was exported in '
+                        f'({model.meta["precision"]}); use --precision auto or fp32, --backend openvino, or '
+                        'd2c-export --precision fp16')
+    if precision == 'auto':
+        return model.default_dtype
+    return select_precision(precision, device, warn)
+
+
 def main(argv=None):
     """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors)."""
     args = parse_args(argv)
     try:
-        device = select_device(args.device)
+        # OpenVINO runs on the CPU: 'auto' must not pick a CUDA device for it
+        device = select_device('cpu' if args.backend == 'openvino' and args.device == 'auto' else args.device)
         if args.fp16 and device.type != 'cuda':
             warn(f'--fp16 needs CUDA; running in float32 on the {device.type}')
             args.precision = 'fp32'
         elif args.fp16:
             args.precision = 'fp16'
-        dtype = select_precision(args.precision, device, warn)
+        backend, why = select_backend(args.backend, args.model, device)
         inputs = list_inputs(args.input)
-        net, info = load_model(args.model, args.opt, args.param_key, device)
-        for line in info['warnings']:
-            warn(f'{args.model}: {line}')
-        prepare_network(net, args.channels_last)
+        net, info, dtype = open_model(args, backend, device)
         try:
             os.makedirs(args.output, exist_ok=True)
         except OSError as err:
@@ -153,10 +210,11 @@ def main(argv=None):
     except UserError as err:
         return report_user_error(PROG, err)
     tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
-    weights = args.model + (f' [{info["param_key"]}]' if info['param_key'] else '')
+    weights = args.model + (f' [{info["param_key"]}]' if info.get('param_key') else '')
+    layout = ('channels_last' if args.channels_last else 'NCHW') if backend == 'torch' else info['prepared']
     print(f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width}); weights '
-          f'{weights}; options {info["opt_source"]}; {device.type}, {precision_name(dtype)}, '
-          f'{"channels_last" if args.channels_last else "NCHW"}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+          f'{weights}; options {info["opt_source"]}; backend {backend} ({why}); {device.type}, '
+          f'{precision_name(dtype)}, {layout}; {tiling}; {len(inputs)} input(s) -> {args.output}')
     if args.reference and dtype is not None:
         print(
             f'{PROG}: note: metrics of a {precision_name(dtype)} run can be a few hundredths of a dB below fp32\'s '

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .eval_util import tensor_psnr
 from .precision_util import autocast, precision_name
+from .runtime_util import RuntimeModel
 
 # mean distance (range 0-1) between an SR image's block averages and its input beyond which the
 # output is treated as broken; a trained D2CNet is near 0.01, a random one near 0.13
@@ -33,8 +34,9 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
     """One forward pass of D2CNet on a batch that is already on the network's device.
 
     Args:
-        net (nn.Module): D2CNet in eval mode (in the channels_last layout if ``channels_last``,
-            see :func:`prepare_network`).
+        net (nn.Module | RuntimeModel): D2CNet in eval mode (in the channels_last layout if
+            ``channels_last``, see :func:`prepare_network`), or an exported D2CNet run by ONNX
+            Runtime / OpenVINO (:mod:`d2c_utils.runtime_util`).
         lq (Tensor): LR images (N, 3, h, w), float32, range [0, 1], on the network's device.
         return_branches (bool): Also return the P predictions and the weight maps.
         dtype (torch.dtype | None): Autocast dtype (torch.bfloat16 / torch.float16) or None
@@ -46,6 +48,8 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
         clamped: SR (N, 3, sh, sw) roughly in [0, 1]; with ``return_branches`` also branches
         (N, P, 3, sh, sw) and weights (N, P, sh, sw) in [0, 1], summing to 1 over P.
     """
+    if isinstance(net, RuntimeModel):  # an exported network: the runtime has its own layouts and precisions
+        return net.run(lq, return_branches, dtype)
     if channels_last:
         lq = lq.contiguous(memory_format=torch.channels_last)
     with autocast(lq.device.type, dtype):
@@ -57,6 +61,8 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
 
 def prepare_network(net, channels_last):
     """Put the convolution weights of ``net`` in the layout :func:`run_network` feeds (in place)."""
+    if isinstance(net, RuntimeModel):
+        return net
     return net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -1,0 +1,292 @@
+"""Exported D2CNets run by ONNX Runtime or OpenVINO, behind the interface the inference code uses.
+
+:class:`RuntimeModel` carries what ``d2c-infer`` reads from a D2CNet (``upscale``,
+``num_branch``, ``tree_depth``, ``tree_width``) and a :meth:`RuntimeModel.run` that
+:func:`d2c_utils.tile_util.run_network` calls in place of ``net(lq)``, so tiling, image kinds,
+bit depths, alpha, outputs, the progress bar and the fall-back from a reduced precision are the
+same code on every backend.
+
+:func:`select_backend` decides what ``--backend auto`` runs; :func:`load_runtime_model` opens
+an ``.onnx`` file, or exports a ``.pth`` checkpoint once and keeps the file in a cache keyed by
+the checkpoint's bytes and options, so later runs start at once.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from os import path as osp
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .export_util import OUTPUTS, export_onnx, parse_metadata, require
+
+BACKENDS = ('auto', 'torch', 'onnxruntime', 'openvino')
+# measured by benchmarks/bench_export.py on a 2-core AVX512-BF16 CPU (README, Export and deployment):
+# OpenVINO at its default precision was the fastest at >= 50 dB agreement, then our own PyTorch path
+AUTO_ORDER_CPU = ('openvino', 'torch')
+CACHE_ENV = 'D2C_SR_CACHE'
+# OpenVINO's names of the precisions d2c-sr's autocast dtypes stand for
+_OV_HINTS = {None: 'f32', torch.bfloat16: 'bf16', torch.float16: 'f16'}
+
+
+def installed(backend):
+    """True if the runtime of ``backend`` can be imported (without importing it)."""
+    return backend == 'torch' or importlib.util.find_spec(backend) is not None
+
+
+def select_backend(requested, model_path, device):
+    """The backend that runs ``model_path`` on ``device``, and why (for the log line).
+
+    Args:
+        requested (str): One of :data:`BACKENDS`.
+        model_path (str): A ``.pth`` checkpoint or an ``.onnx`` file.
+        device (torch.device): The device asked for.
+
+    Returns:
+        tuple[str, str]: backend name and the reason it was chosen.
+    """
+    is_onnx = model_path.lower().endswith('.onnx')
+    if requested == 'torch' and is_onnx:
+        raise UserError(f'--backend torch runs .pth checkpoints; {model_path} is an ONNX file: use --backend '
+                        'onnxruntime, openvino or auto')
+    if requested != 'auto':
+        if requested == 'openvino' and device.type == 'cuda':
+            raise UserError('--backend openvino runs on the CPU here; use --device cpu, or --backend onnxruntime / '
+                            'torch for CUDA')
+        if not installed(requested):
+            extra = 'onnx' if requested == 'onnxruntime' else 'openvino'
+            raise UserError(f'--backend {requested}: the package {requested!r} is not installed; install it with '
+                            f'pip install "d2c-sr[{extra}]"')
+        return requested, 'requested'
+    if device.type == 'cuda':
+        if not is_onnx:
+            return 'torch', 'auto: CUDA device'
+        order = ('onnxruntime', )
+    else:
+        order = ('openvino', 'onnxruntime') if is_onnx else AUTO_ORDER_CPU
+    for backend in order:
+        if installed(backend):
+            return backend, f'auto: the fastest installed on {device.type.upper()} (README, Export and deployment)'
+    raise UserError(f'{model_path} is an ONNX file and neither OpenVINO nor ONNX Runtime is installed; install one '
+                    'with pip install "d2c-sr[openvino]" or pip install "d2c-sr[onnx]"')
+
+
+def default_cache_dir():
+    """Where exported checkpoints are kept: $D2C_SR_CACHE, else $XDG_CACHE_HOME/d2c-sr, else ~/.cache/d2c-sr."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache')
+    return osp.join(base, 'd2c-sr')
+
+
+class RuntimeModel:
+    """An exported D2CNet (``d2c-export`` file) with D2CNet's interface for inference.
+
+    Attributes:
+        upscale, num_branch, tree_depth, tree_width (int): As D2CNet's.
+        has_branches (bool): The file also gives branches and weight maps (``--outputs all``).
+        meta (dict): The file's ``d2c_sr.*`` metadata (see :func:`d2c_utils.export_util.read_metadata`).
+        backend (str): 'onnxruntime' or 'openvino'.
+        prepare_seconds (float): Time to open/compile the file (export excluded).
+    """
+    backend = ''
+
+    def __init__(self, path, meta):
+        self.path = path
+        self.meta = meta
+        self.upscale = meta['upscale']
+        self.num_branch = meta['num_branch']
+        self.tree_depth = meta['tree_depth']
+        self.tree_width = meta['tree_width']
+        self.has_branches = meta['outputs'] == 'all'
+        self.prepare_seconds = 0.
+
+    def run(self, lq, return_branches=False, dtype=None):
+        """Like :func:`d2c_utils.tile_util.run_network`: float32 tensors on the host.
+
+        Args:
+            lq (Tensor): (N, C, h, w) float32 in [0, 1].
+            return_branches (bool): Also return branches (N, P, C, sh, sw) and weights (N, P, sh, sw).
+            dtype (torch.dtype | None): Reduced precision to compute in (backend-specific).
+        """
+        if return_branches and not self.has_branches:
+            raise UserError(f'{self.path} has only the fused output; branches, weight maps and --reference metrics '
+                            'need a file exported with d2c-export --outputs all')
+        array = np.ascontiguousarray(lq.detach().cpu().float().numpy())
+        # one image at a time: the tile loop sends one, and SwinIR files have a batch of 1
+        outs = [self._run(array[i:i + 1], dtype) for i in range(array.shape[0])]
+        outs = [torch.from_numpy(np.concatenate(parts, axis=0)) for parts in zip(*outs)]
+        return tuple(outs[:3]) if return_branches else outs[0]
+
+    def _run(self, array, dtype):
+        raise NotImplementedError
+
+
+class OnnxRuntimeModel(RuntimeModel):
+    """An exported D2CNet in an ONNX Runtime session (CPU, or CUDA with onnxruntime-gpu)."""
+    backend = 'onnxruntime'
+
+    def __init__(self, path, meta, device):
+        super().__init__(path, meta)
+        ort = require('onnxruntime', '--backend onnxruntime')
+        providers = ['CPUExecutionProvider']
+        if device.type == 'cuda':
+            if 'CUDAExecutionProvider' not in ort.get_available_providers():
+                raise UserError('--device cuda with ONNX Runtime needs the onnxruntime-gpu package (this one has '
+                                f'{ort.get_available_providers()}); use --device cpu')
+            providers.insert(0, 'CUDAExecutionProvider')
+        start = time.perf_counter()
+        self.session = ort.InferenceSession(path, providers=providers)
+        self.prepare_seconds = time.perf_counter() - start
+        self.input_name = self.session.get_inputs()[0].name
+        self.precision_name = meta['precision']
+
+    def _run(self, array, dtype):
+        if dtype is not None:
+            raise UserError('ONNX Runtime runs the file in the precision it was exported in; use --precision fp32 '
+                            '(or auto), or export with d2c-export --precision fp16')
+        return self.session.run(None, {self.input_name: array})
+
+
+class OpenVINOModel(RuntimeModel):
+    """An exported D2CNet compiled by OpenVINO for the CPU, once per precision (dynamic shapes).
+
+    OpenVINO's CPU plugin computes in bf16 by default on CPUs with native bf16 (AVX512-BF16,
+    AMX), in fp32 elsewhere; :attr:`default_dtype` says which, as an autocast dtype.
+    """
+    backend = 'openvino'
+
+    def __init__(self, path, meta):
+        super().__init__(path, meta)
+        ov = require('openvino', '--backend openvino')
+        self.core = ov.Core()
+        hint = str(self.core.get_property('CPU', 'INFERENCE_PRECISION_HINT'))
+        self.default_dtype = torch.bfloat16 if 'bf16' in hint or 'bfloat16' in hint else None
+        self.model = self.core.read_model(path)
+        self.compiled = {}
+        self.precision_name = meta['precision']
+
+    def compiled_for(self, dtype):
+        """The model compiled for ``dtype`` (None: fp32), compiling it on first use."""
+        if dtype not in self.compiled:
+            start = time.perf_counter()
+            config = {'INFERENCE_PRECISION_HINT': _OV_HINTS[dtype]}
+            self.compiled[dtype] = self.core.compile_model(self.model, 'CPU', config)
+            self.prepare_seconds += time.perf_counter() - start
+        return self.compiled[dtype]
+
+    def _run(self, array, dtype):
+        compiled = self.compiled_for(dtype)
+        result = compiled(array)
+        return [result[port] for port in compiled.outputs]
+
+
+def read_onnx_metadata(path):
+    """The ``d2c_sr.*`` metadata of an ONNX file, reading only its header-level protobuf fields.
+
+    Raises:
+        UserError: missing, unreadable, or not written by d2c-export.
+    """
+    if not osp.isfile(path):
+        raise UserError(f'model file not found: {path} (pass --model <a .pth or a .onnx written by d2c-export>)')
+    onnx = importlib.util.find_spec('onnx')
+    if onnx is not None:
+        import onnx  # noqa: PLC0415
+        try:
+            proto = onnx.load_model(path, load_external_data=False)
+        except Exception as err:
+            raise UserError(f'cannot read {path}: corrupt or not an ONNX file ({type(err).__name__}: '
+                            f'{str(err).splitlines()[0][:200] if str(err) else "empty"})') from None
+        props = {p.key: p.value for p in proto.metadata_props}
+    else:  # a machine with only the runtime: ask the runtime for the metadata
+        ort = require('onnxruntime', f'reading {path}')
+        try:
+            props = dict(
+                ort.InferenceSession(path, providers=['CPUExecutionProvider']).get_modelmeta().custom_metadata_map)
+        except Exception as err:
+            raise UserError(
+                f'cannot read {path}: corrupt or not an ONNX file ({str(err).splitlines()[0][:200]})') from None
+    prefix = 'd2c_sr.'
+    return parse_metadata({k[len(prefix):]: v for k, v in props.items() if k.startswith(prefix)}, path)
+
+
+def checkpoint_digest(model_path, net_opt, param_key, outputs):
+    """A key for the cache of exports: the checkpoint's bytes, the options, the output set, the versions."""
+    digest = hashlib.sha256()
+    with open(model_path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    settings = {'net_opt': net_opt, 'param_key': param_key, 'outputs': outputs, 'torch': torch.__version__}
+    digest.update(json.dumps(settings, sort_keys=True, default=list).encode())
+    return digest.hexdigest()[:32]
+
+
+def export_cached(net, model_path, info, outputs, cache_dir, log):
+    """An ONNX file of ``net`` (loaded from ``model_path``): from the cache, or exported into it.
+
+    Args:
+        net (D2CNet): Loaded by :func:`d2c_utils.checkpoint_util.load_model`.
+        model_path (str): Its checkpoint.
+        info (dict): What ``load_model`` returned (``net_opt``, ``param_key``).
+        outputs (str): 'fused' or 'all'.
+        cache_dir (str | None): Cache folder; None or '' exports to a temporary file that is removed
+            at exit (every run pays the export).
+        log (callable): ``log(message)`` for what happened (export time).
+
+    Returns:
+        str: the ONNX file.
+    """
+    if cache_dir:
+        key = checkpoint_digest(model_path, info['net_opt'], info['param_key'], outputs)
+        path = osp.join(cache_dir, 'onnx', f'{key}.onnx')
+        if osp.isfile(path):
+            log(f'exported model from the cache: {path}')
+            return path
+    else:
+        import atexit  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
+        fd, path = tempfile.mkstemp(suffix='.onnx')
+        os.close(fd)
+        atexit.register(lambda: osp.exists(path) and os.remove(path))
+    try:
+        result = export_onnx(net, path, outputs=outputs, net_opt=info['net_opt'], source=osp.basename(model_path))
+    except OSError as err:
+        raise UserError(f'cannot write the exported model to {path}: {err.strerror or err}; pass --cache-dir '
+                        'with a writable folder (or --cache-dir "" for no cache)') from None
+    where = f', kept in {path} for later runs' if cache_dir else ' (no cache: --cache-dir "")'
+    log(f'exported {model_path} to ONNX once in {result["seconds"]:.1f} s{where}')
+    return path
+
+
+def load_runtime_model(path, backend, device, outputs='all', net=None, info=None, cache_dir=None, log=print):
+    """Open an exported D2CNet for ``backend``; a ``.pth`` (already loaded as ``net``) is exported first.
+
+    Args:
+        path (str): ``.onnx`` file, or the ``.pth`` checkpoint ``net`` was loaded from.
+        backend (str): 'onnxruntime' or 'openvino'.
+        device (torch.device): cpu (or cuda for ONNX Runtime).
+        outputs (str): For a ``.pth``: what to export ('all' when branches are wanted).
+        net, info: The loaded D2CNet and ``load_model``'s description, for a ``.pth``.
+        cache_dir (str | None): See :func:`export_cached`.
+        log (callable): For messages.
+
+    Returns:
+        RuntimeModel
+    """
+    if net is not None:
+        path = export_cached(net, path, info, outputs, cache_dir, log)
+    meta = read_onnx_metadata(path)
+    if backend == 'onnxruntime':
+        return OnnxRuntimeModel(path, meta, device)
+    if backend == 'openvino':
+        return OpenVINOModel(path, meta)
+    raise UserError(f'backend {backend!r}: use one of {BACKENDS}')
+
+
+__all__ = [
+    'BACKENDS', 'OUTPUTS', 'RuntimeModel', 'OnnxRuntimeModel', 'OpenVINOModel', 'select_backend', 'installed',
+    'load_runtime_model', 'read_onnx_metadata', 'default_cache_dir'
+]
