@@ -155,7 +155,8 @@ def measure_memory(args, workdir):
             '-i', src, '-o',
             osp.join(workdir, 'out'), '--model', pth, '--opt', yml, '--device', 'cpu', '-q', '--tile',
             str(tile), '--tile-pad',
-            str(args.tile_pad), '--precision', args.precision
+            str(args.tile_pad), '--precision', args.precision, '--backend',
+            getattr(args, 'backend', 'torch'), '--cache-dir', ''
         ]
         if not args.channels_last:
             infer_args.append('--no-channels-last')
@@ -239,6 +240,12 @@ def main(argv=None):
         action='store_true',
         help="speed and memory: d2c-infer's default layout "
         '(without it: --no-channels-last, NCHW)')
+    parser.add_argument(
+        '--backend',
+        default='torch',
+        choices=['torch', 'onnxruntime', 'openvino'],
+        help="memory: d2c-infer's --backend; with the others the export of the .pth is in the peak "
+        '(no cache, as on a first run)')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     parser.add_argument('--skip-speed', action='store_true')
     parser.add_argument('--skip-memory', action='store_true')

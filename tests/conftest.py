@@ -179,3 +179,15 @@ def demo_run(tmp_path_factory):
         'lr': str(root / 'datasets' / 'demo_x4' / 'val' / 'LR' / 'chelsea.png'),
         'hr': str(root / 'datasets' / 'demo_x4' / 'val' / 'HR' / 'chelsea.png')
     }
+
+
+@pytest.fixture(autouse=True, scope='session')
+def export_cache(tmp_path_factory):
+    """d2c-infer keeps checkpoints it exports for ONNX Runtime / OpenVINO in a cache: a temporary one here."""
+    previous = os.environ.get('D2C_SR_CACHE')
+    os.environ['D2C_SR_CACHE'] = str(tmp_path_factory.mktemp('d2c_sr_cache'))
+    yield os.environ['D2C_SR_CACHE']
+    if previous is None:
+        os.environ.pop('D2C_SR_CACHE', None)
+    else:
+        os.environ['D2C_SR_CACHE'] = previous

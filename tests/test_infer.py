@@ -71,11 +71,13 @@ def to_tensor(img_bgr_float):
 
 @pytest.fixture(autouse=True)
 def exact_fp32(monkeypatch):
-    """These tests compare d2c-infer's files with fp32 forwards computed here, so they pin fp32 NCHW;
+    """These tests compare d2c-infer's files with fp32 forwards computed here, so they pin PyTorch fp32 NCHW;
     the reduced-precision default (bf16 on CPUs that have it) is tested in test_precision.py."""
     main = infer.main
     monkeypatch.setattr(
-        infer, 'main', lambda argv=None: main(list(argv) + ['--precision', 'fp32', '--no-channels-last']))
+        infer,
+        'main',
+        lambda argv=None: main(list(argv) + ['--backend', 'torch', '--precision', 'fp32', '--no-channels-last']))
 
 
 @pytest.fixture(scope='module')

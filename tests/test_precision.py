@@ -176,6 +176,7 @@ def test_bf16_channels_last_agrees_with_fp32_on_a_real_photo_with_the_demo_model
 @pytest.mark.slow
 def test_d2c_infer_precision_flags(demo_run, tmp_path, capsys):
     common = ['-i', demo_run['lr'], '--model', demo_run['model'], '--opt', demo_run['opt'], '--device', 'cpu', '-q']
+    common += ['--backend', 'torch']  # PyTorch's precisions; the other backends: test_export.py
     assert infer.main(common + ['-o', str(tmp_path / 'fp32'), '--precision', 'fp32', '--no-channels-last']) == 0
     assert 'cpu, fp32, NCHW' in capsys.readouterr().out
     assert infer.main(common + ['-o', str(tmp_path / 'bf16'), '--precision', 'bf16']) == 0
