@@ -33,7 +33,7 @@ import sys
 import warnings
 
 OPT_OUT_ENV = 'D2C_SR_NO_AUTOLOAD'
-PLUGIN_PACKAGES = ('d2c_arch', 'd2c_losses', 'd2c_metrics', 'd2c_model')
+PLUGIN_PACKAGES = ('d2c_arch', 'd2c_data', 'd2c_losses', 'd2c_metrics', 'd2c_model')
 
 
 def _load_plugin():

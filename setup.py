@@ -39,7 +39,7 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.8',
-    packages=['d2c_arch', 'd2c_losses', 'd2c_metrics', 'd2c_model', 'd2c_tools', 'd2c_utils'],
+    packages=['d2c_arch', 'd2c_data', 'd2c_losses', 'd2c_metrics', 'd2c_model', 'd2c_tools', 'd2c_utils'],
     py_modules=['d2c_compat', 'd2c_autoload'],
     cmdclass={'build_py': BuildPyWithAutoload},
     install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb'],
@@ -61,6 +61,7 @@ setup(
             'd2c-convert-official=d2c_tools.convert_official:main',
             'd2c-swap=d2c_tools.swap:main',
             'd2c-export=d2c_tools.export:main',
+            'd2c-convert-dan=d2c_tools.convert_dan:main',
         ],
     },
     classifiers=[

@@ -1,8 +1,8 @@
 """D2C-SR architectures; importing this package registers them in BasicSR's ``ARCH_REGISTRY``.
 
 D2CNet (d2c_arch.py) with one branch module per backbone (branch_util.py) and per-leaf tails
-(upsample_util.py); the Table 3 originals BasicSR lacks: VDSR, RDN, IMDN. What a checkpoint's
-tensors say about D2CNet is read beside it: :func:`infer_options` (and
+(upsample_util.py); the Table 3 originals BasicSR lacks: VDSR, RDN, IMDN; DANv2 for blind SR
+(dan_arch.py). What a checkpoint's tensors say about D2CNet is read beside it: :func:`infer_options` (and
 ``d2c_arch.d2c_arch.NOT_INFERABLE``, what cannot be read).
 """
 import d2c_compat
@@ -11,6 +11,7 @@ d2c_compat.apply()  # must run before the first ``import basicsr``
 
 from .branch_util import BRANCH_REGISTRY, EDSRBranch, RCANBranch  # noqa: E402
 from .d2c_arch import D2CNet, bare_key, default_options, infer_options, is_convergence_key  # noqa: E402
+from .dan_arch import DAN, infer_dan_options  # noqa: E402
 from .imdn_arch import IMDN  # noqa: E402
 from .rdn_arch import RDN  # noqa: E402
 from .vdsr_arch import VDSR  # noqa: E402
@@ -19,5 +20,5 @@ from .vdsr_arch import VDSR  # noqa: E402
 # BRANCH_REGISTRY and d2c_arch.branch_util
 __all__ = [
     'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'VDSR', 'RDN', 'IMDN', 'bare_key', 'default_options',
-    'infer_options', 'is_convergence_key'
+    'infer_options', 'is_convergence_key', 'DAN', 'infer_dan_options'
 ]
