@@ -3,6 +3,7 @@
     d2c-infer -i photo.png --model net_g_latest.pth --opt options/train_D2C_RealSR_x4.yml
     python -m d2c_tools.infer -i photos/ -o results/infer --model ... --opt ... --tile 128
     d2c-infer -i photos/ --model D2C_x4.onnx --backend onnxruntime      (a file written by d2c-export)
+    d2c-infer -i photos/ --model DANv2_x4.pth --save-kernel              (DAN: blind SR, kernel pictures)
 
 Backends: torch (PyTorch), onnxruntime, openvino (pip install "d2c-sr[onnx]" / "d2c-sr[openvino]").
 The default, auto, takes the fastest one installed as measured for this project (OpenVINO on a
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_utils.checkpoint_util import load_model
+from d2c_utils.dan_infer_util import load_dan, model_type
 from d2c_utils.errors import ImageError, UserError, report_user_error
 from d2c_utils.img_util import list_inputs
 from d2c_utils.infer_util import OutputOptions, process_image, select_device, select_precision, write_metrics
@@ -114,6 +116,16 @@ def parse_args(argv):
         type=int,
         default=0,
         help='reflection padding at the bottom/right of the input, removed afterwards (default: 0)')
+    dan = parser.add_argument_group('DAN (blind SR) checkpoints')
+    dan.add_argument(
+        '--kernel-crop',
+        type=int,
+        default=256,
+        help='the blur kernel is estimated once per image on its central KERNEL_CROP x KERNEL_CROP LR pixels '
+        '(the whole image when smaller; 0 = always the whole image) and every tile is restored with it, so tiles '
+        'share one kernel (default: %(default)s)')
+    dan.add_argument(
+        '--save-kernel', action='store_true', help="also write each image's estimated kernel <name>_kernel.png/.npy")
     extra = parser.add_argument_group('pictures and metrics')
     extra.add_argument(
         '--save-branches', action='store_true', help="also write each branch's prediction <name>_branch<i>.<ext>")
@@ -136,7 +148,7 @@ def parse_args(argv):
         'fused and the oracle fusion and write <output>/metrics.csv')
     parser.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
-    for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size'):
+    for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size', 'kernel_crop'):
         if getattr(args, name) < 0:
             parser.error(f'--{name.replace("_", "-")} must be >= 0')
     if args.outscale is not None and args.outscale <= 0:
@@ -150,9 +162,24 @@ def warn(message):
     tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr)
 
 
-def open_model(args, backend, device):
-    """The network to run (D2CNet or an exported one), its description and the autocast dtype."""
-    if backend == 'torch':
+def dan_backend(args):
+    """DAN runs on PyTorch (d2c-export covers D2CNet); refuse the others, and branch pictures."""
+    if args.backend not in ('auto', 'torch'):
+        raise UserError(f'--backend {args.backend}: DAN checkpoints run with --backend torch (or auto); d2c-export '
+                        'exports D2CNet models')
+    if args.save_branches or args.save_weights:
+        raise UserError('DAN has no branches or weight maps: drop --save-branches / --save-weights (--save-kernel '
+                        'writes its kernel estimate)')
+    return 'torch', 'requested' if args.backend == 'torch' else 'auto: DAN runs on PyTorch'
+
+
+def open_model(args, backend, device, kind='D2CNet'):
+    """The network to run (D2CNet, DAN or an exported D2CNet), its description and the autocast dtype."""
+    if kind == 'DAN':
+        dtype = select_precision(args.precision, device, warn)
+        net, info = load_dan(args.model, args.opt, args.param_key, device)
+        prepare_network(net, args.channels_last)
+    elif backend == 'torch':
         dtype = select_precision(args.precision, device, warn)
         net, info = load_model(args.model, args.opt, args.param_key, device)
         prepare_network(net, args.channels_last)
@@ -200,9 +227,13 @@ def main(argv=None):
             args.precision = 'fp32'
         elif args.fp16:
             args.precision = 'fp16'
-        backend, why = select_backend(args.backend, args.model, device)
+        kind = model_type(args.model, args.opt)
+        if kind == 'DAN':
+            backend, why = dan_backend(args)
+        else:
+            backend, why = select_backend(args.backend, args.model, device)
         inputs = list_inputs(args.input)
-        net, info, dtype = open_model(args, backend, device)
+        net, info, dtype = open_model(args, backend, device, kind)
         try:
             os.makedirs(args.output, exist_ok=True)
         except OSError as err:
@@ -212,8 +243,12 @@ def main(argv=None):
     tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
     weights = args.model + (f' [{info["param_key"]}]' if info.get('param_key') else '')
     layout = ('channels_last' if args.channels_last else 'NCHW') if backend == 'torch' else info['prepared']
-    print(f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width}); weights '
-          f'{weights}; options {info["opt_source"]}; backend {backend} ({why}); {device.type}, '
+    if kind == 'DAN':
+        crop = f'kernel from the central {args.kernel_crop}px' if args.kernel_crop else 'kernel from the whole image'
+        network = f'DAN x{net.upscale}, loop {net.loop}, kernel {net.kernel_size}x{net.kernel_size} ({crop})'
+    else:
+        network = f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width})'
+    print(f'{network}; weights {weights}; options {info["opt_source"]}; backend {backend} ({why}); {device.type}, '
           f'{precision_name(dtype)}, {layout}; {tiling}; {len(inputs)} input(s) -> {args.output}')
     if args.reference and dtype is not None:
         print(

@@ -19,9 +19,13 @@ import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
 d2c_compat.apply()
 
 from basicsr.utils import tensor2img  # noqa: E402
+from d2c_arch import DAN  # noqa: E402
+from .checkpoint_util import atomic_write  # noqa: E402
+from .dan_infer_util import FixedKernelRestorer, estimate_kernel  # noqa: E402
 from .errors import ImageError, UserError  # noqa: E402
 from .eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
 from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image  # noqa: E402
+from .kernel_util import kernel_picture  # noqa: E402
 from .precision_util import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from .tile_util import super_resolve  # noqa: E402
 from .visual_util import labelled_grid, weight_heatmap  # noqa: E402
@@ -41,6 +45,8 @@ class OutputOptions:
         save_weights (bool): Also write the weight heatmaps and the grid picture.
         grid_size (int): Longest side of a grid cell; 0 = full size.
         reference (str | None): Folder of ground-truth images with the same file names.
+        kernel_crop (int): DAN: side of the central LR window the kernel is estimated on (0: all).
+        save_kernel (bool): DAN: also write the estimated kernel (``_kernel.png``, ``_kernel.npy``).
     """
     output: str
     suffix: str = 'out'
@@ -53,6 +59,8 @@ class OutputOptions:
     save_weights: bool = False
     grid_size: int = 512
     reference: str = None
+    kernel_crop: int = 256
+    save_kernel: bool = False
 
     @classmethod
     def from_namespace(cls, args):
@@ -96,7 +104,8 @@ def reference_metrics(ref_path, lq, sr, branches, scale):
 
     Returns:
         dict[str, tuple[float, float]]: method -> (psnr, ssim), in the order bicubic,
-        branch1..P, fused, oracle. Images are compared as 8-bit BGR, as BasicSR does.
+        branch1..P, fused, oracle (bicubic and fused only when ``branches`` is None: DAN).
+        Images are compared as 8-bit BGR, as BasicSR does.
     """
     hr, _ = split_input(read_image(ref_path))
     if hr.shape[2:] != sr.shape[2:]:
@@ -104,8 +113,11 @@ def reference_metrics(ref_path, lq, sr, branches, scale):
                          f'{sr.shape[3]}x{sr.shape[2]} (WxH); no metrics for this image')
     hr8 = tensor2img(hr)
     images = [('bicubic', bicubic_upscale(lq, scale))]
-    images += [(f'branch{i + 1}', tensor2img(branches[:, i])) for i in range(branches.size(1))]
-    images += [('fused', tensor2img(sr)), ('oracle', tensor2img(oracle_fusion(branches, hr)))]
+    if branches is None:
+        images.append(('fused', tensor2img(sr)))
+    else:
+        images += [(f'branch{i + 1}', tensor2img(branches[:, i])) for i in range(branches.size(1))]
+        images += [('fused', tensor2img(sr)), ('oracle', tensor2img(oracle_fusion(branches, hr)))]
     return {name: psnr_ssim_y(img, hr8, crop_border=scale) for name, img in images}
 
 
@@ -155,6 +167,10 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
             tqdm.write(f'{prog}: warning: no reference {ref_path} for {path}; no metrics for it', file=sys.stderr)
             ref_path = None
     need_branches = options.save_branches or options.save_weights or ref_path is not None
+    kernel = None
+    if isinstance(net, DAN):  # one kernel estimate per image; the whole image or every tile restored with it
+        code, kernel = estimate_kernel(net, lq, options.kernel_crop, device, getattr(forward, 'dtype', None))
+        net, need_branches = FixedKernelRestorer(net, code), False
     sr, branches, weights = super_resolve(
         net,
         lq,
@@ -180,6 +196,10 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
         for i in range(branches.size(1)):
             out = compose_output(to_bgr(branches[:, i]), kind, max_value, alpha, size)
             write_image(osp.join(options.output, f'{stem}_branch{i + 1}.{ext}'), out)
+    if kernel is not None and options.save_kernel:
+        kernel = kernel.cpu().numpy()
+        write_image(osp.join(options.output, f'{stem}_kernel.png'), kernel_picture(kernel))
+        atomic_write(osp.join(options.output, f'{stem}_kernel.npy'), lambda tmp: np.save(open(tmp, 'wb'), kernel))
     if options.save_weights:
         for i, weight in enumerate(weights[0].numpy()):
             write_image(osp.join(options.output, f'{stem}_weight{i + 1}.png'), weight_heatmap(weight))

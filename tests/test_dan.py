@@ -374,3 +374,41 @@ def test_missing_estimator_learning_rate_is_a_clear_error(tmp_path, dan_data):
     del opt['train']['kernel_opt']
     result = run_train(tmp_path, write_yaml(tmp_path / 'no_k.yml', opt), expect=2)
     assert 'train.kernel_opt is missing' in result.stderr + result.stdout
+
+
+# ---------------------------------------------------------------------------------- d2c-infer
+
+
+def test_d2c_infer_runs_dan_with_one_kernel_for_all_tiles(tmp_path, capsys):
+    import cv2
+
+    from d2c_tools import infer
+    net = tiny_dan(loop=2).eval()
+    pth = str(tmp_path / 'dan.pth')
+    torch.save({'params': net.state_dict()}, pth)
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur((rng.random((20, 24, 3)) * 255).astype(np.uint8), (5, 5), 1.2)
+    src = tmp_path / 'in'
+    src.mkdir()
+    cv2.imwrite(str(src / 'a.png'), img)
+    common = ['-i', str(src), '--model', pth, '--precision', 'fp32', '--no-channels-last', '-q', '--save-kernel']
+    assert infer.main(common + ['-o', str(tmp_path / 'guess')]) == 0  # no --opt: loop and group skip assumed
+    assert 'loop=4 and group_skip=double assumed' in capsys.readouterr().err
+    opt = str(tmp_path / 'dan.yml')
+    write_yaml(opt, {'network_g': dict(TINY, type='DAN', loop=2)})
+    common += ['--opt', opt]
+    assert infer.main(common + ['-o', str(tmp_path / 'whole')]) == 0
+    assert infer.main(common + ['-o', str(tmp_path / 'tiled'), '--tile', '8', '--tile-pad', '8']) == 0
+    lq = torch.from_numpy(img[..., ::-1].astype(np.float32).transpose(2, 0, 1) / 255).unsqueeze(0).contiguous()
+    with torch.no_grad():
+        sr, kernel = net(lq, return_kernel=True)
+    want = (sr[0].clamp(0, 1).numpy().transpose(1, 2, 0)[..., ::-1] * 255).round().astype(np.uint8)
+    whole = cv2.imread(str(tmp_path / 'whole' / 'a_out.png'))
+    assert np.abs(whole.astype(int) - want.astype(int)).max() <= 1  # untiled: exactly net(lq)
+    assert np.allclose(np.load(tmp_path / 'whole' / 'a_kernel.npy'), kernel[0].numpy(), atol=1e-6)
+    assert np.array_equal(np.load(tmp_path / 'tiled' / 'a_kernel.npy'), np.load(tmp_path / 'whole' / 'a_kernel.npy'))
+    tiled = cv2.imread(str(tmp_path / 'tiled' / 'a_out.png'))
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # every tile restored with the same kernel
+    assert cv2.imread(str(tmp_path / 'whole' / 'a_kernel.png')).shape[:2] == (88, 88)
+    assert infer.main(common + ['-o', str(tmp_path / 'x'), '--save-branches']) == 2
+    assert infer.main(common + ['-o', str(tmp_path / 'x'), '--backend', 'onnxruntime']) == 2
