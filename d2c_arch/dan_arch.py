@@ -291,7 +291,7 @@ class DAN(nn.Module):
 
 
 def infer_dan_options(state_dict):
-    """DAN options read from its weights (``module.`` prefixes removed).
+    """DAN options read from its weights (keys without the ``module.`` prefix of DataParallel; strip it first).
 
     Read: num_in_ch, num_feat, num_group, num_block, upscale, code_length, kernel_size,
     estimator_feat, estimator_blocks. Not readable: ``loop`` (weights are shared across

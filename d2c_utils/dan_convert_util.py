@@ -1,0 +1,535 @@
+"""Convert a released official DANv2 checkpoint (github.com/greatlog/DAN) into a BasicSR checkpoint for DAN.
+
+The library behind ``d2c-convert-dan`` (:mod:`d2c_tools.convert_dan`)::
+
+    d2c-convert-dan danv2_x4_setting1.pth DANv2_official_x4.pth [--pca pca_matrix.pth] [--opt-out test.yml]
+
+The official code (MMSR style) saves ``torch.save(net.state_dict())``: a bare state dict of
+tensors. It is read with ``torch.load(weights_only=True)``
+(:func:`d2c_utils.checkpoint_util.load_checkpoint`), so no code from the file runs.
+
+What the conversion does
+------------------------
+* Every official key maps to exactly one key of :class:`d2c_arch.dan_arch.DAN` by an explicit
+  rule (:func:`dan_key`; the table is ``RULES``); anything left over on either side, or any shape
+  mismatch, is an error that names the keys.
+* The Restorer's upsampler is one ``nn.Sequential`` officially (convs and pixel shuffles
+  interleaved); here BasicSR's ``Upsample`` holds the convs before each pixel shuffle and
+  ``conv_last`` the output conv: x4 ``upscale.0`` / ``.2`` / ``.4`` -> ``upsample.0`` / ``.2`` /
+  ``conv_last``; x2, x3 ``upscale.0`` / ``.2`` -> ``upsample.0`` / ``conv_last``.
+* The network options (widths, depths, scale, code length t, kernel side l) are read from the
+  shapes (:func:`d2c_arch.infer_dan_options`). ``loop`` (T) is not in the weights (they are shared
+  across iterations): 4 as in every official option file, or ``--loop``. ``group_skip`` is
+  'double', what the official code computes (danv2-facts pitfall 2) and so what the weights need.
+* The PCA matrix P (l*l, t) comes from the buffer ``encoder`` (1, l*l, t). Checkpoints saved
+  before the authors made it a buffer lack it (and ``init_kernel`` / ``init_ker_map``; facts
+  pitfall 12): then it must be given (``--pca``, e.g. the repository's ``pca_matrix/DANv2/pca_matrix.pth``).
+* ``init_ker_map``, the official starting code, must be ``vec(delta) P`` (row l*l // 2 of P): DAN
+  computes its starting code from P, so a checkpoint whose buffer differs would start elsewhere;
+  the converter warns (``init_kernel`` likewise must be the centred delta).
+
+Refused, with what was found: files that are not DANv2 checkpoints (D2CNet checkpoints, already
+converted ones, anything else), DANv1 checkpoints (not supported yet), x1 checkpoints, PCA
+matrices of the wrong shape, NaN / inf weights.
+"""
+import hashlib
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+
+from d2c_arch import bare_key, infer_dan_options
+from .checkpoint_util import atomic_write, load_checkpoint
+from .errors import UserError
+
+PROG = 'd2c-convert-dan'
+DEFAULT_LOOP = 4  # every official option file (the class default, 8, is never used)
+GROUP_SKIP = 'double'  # the official DPCG's in-place list update doubles the chain output
+WRAPPER_KEYS = ('params_ema', 'params', 'state_dict')  # looked for, in this order, around the state dict
+BUFFERS = ('encoder', 'init_kernel', 'init_ker_map')  # official buffers; consumed, not mapped
+MAX_LISTED = 8  # keys listed in one error line before "... and N more"
+DELTA_ATOL = 1e-6  # the file stores float32; vec(delta) P is one row of P, so it matches to rounding
+REPO_URL = 'https://github.com/greatlog/DAN'
+# the PCA files of the official repository (pca_matrix/DANv2/), by shape, for hints
+OFFICIAL_PCA_FILES = {
+    (441, 10): 'pca_matrix/DANv2/pca_matrix.pth for setting 1, kernel 21',
+    (121, 10): 'pca_matrix/DANv2/pca_aniso_matrix_x2.pth for setting 2 x2, kernel 11',
+    (961, 15): 'pca_matrix/DANv2/pca_aniso_matrix_x4.pth for setting 2 x4, kernel 31',
+}
+
+# Official key (after ``module.`` is removed) -> DAN key. Official modules: Restorer.head1 (3x3 on
+# the image), head2 (1x1 on the code), body.<g> = DPCG with body.<b> = DPCB (body1: image path,
+# body2: condition path, each conv-LReLU-conv at indices 0 and 2), fusion, upscale (see above);
+# Estimator.head_LR.0 / head_HR.0 (one conv in a Sequential), body = one DPCG, tail.0 / tail.2
+# (conv, pool, conv, softmax).
+_P = r'(weight|bias)'
+RULES = (
+    (rf'Restorer\.head1\.{_P}', 'restorer.image_head.{0}'),
+    (rf'Restorer\.head2\.{_P}', 'restorer.code_head.{0}'),
+    (rf'Restorer\.body\.(\d+)\.body\.(\d+)\.body1\.([02])\.{_P}', 'restorer.groups.{0}.blocks.{1}.image_body.{2}.{3}'),
+    (rf'Restorer\.body\.(\d+)\.body\.(\d+)\.body2\.([02])\.{_P}', 'restorer.groups.{0}.blocks.{1}.cond_body.{2}.{3}'),
+    (rf'Restorer\.fusion\.{_P}', 'restorer.fusion.{0}'),
+    (rf'Estimator\.head_LR\.0\.{_P}', 'estimator.lr_head.{0}'),
+    (rf'Estimator\.head_HR\.0\.{_P}', 'estimator.sr_head.{0}'),
+    (rf'Estimator\.body\.body\.(\d+)\.body1\.([02])\.{_P}', 'estimator.group.blocks.{0}.image_body.{1}.{2}'),
+    (rf'Estimator\.body\.body\.(\d+)\.body2\.([02])\.{_P}', 'estimator.group.blocks.{0}.cond_body.{1}.{2}'),
+    (rf'Estimator\.tail\.([02])\.{_P}', 'estimator.tail.{0}.{1}'),
+)
+UPSCALE_RULE = rf'Restorer\.upscale\.(\d+)\.{_P}'
+# official upscale conv index -> DAN module, by the set of conv indices the checkpoint has:
+# x4 (conv, shuffle, conv, shuffle, conv) and x2 / x3 (conv, shuffle, conv)
+UPSCALE_TABLES = {
+    (0, 2, 4): dict(zip((0, 2, 4), ('restorer.upsample.0', 'restorer.upsample.2', 'restorer.conv_last'))),
+    (0, 2): dict(zip((0, 2), ('restorer.upsample.0', 'restorer.conv_last'))),
+}
+
+
+def _short_list(items, limit=MAX_LISTED):
+    items = list(items)
+    shown = ', '.join(items[:limit])
+    if len(items) > limit:
+        shown += f', ... and {len(items) - limit} more'
+    return shown
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and recognising the file
+# ----------------------------------------------------------------------------------------------
+def unwrap_state_dict(obj, path):
+    """The official state dict inside what ``torch.load`` returned.
+
+    Args:
+        obj: A bare state dict, or one wrapped in ``{'params_ema' | 'params' | 'state_dict': ...}``.
+        path (str): The file, for messages.
+
+    Returns:
+        tuple[OrderedDict, str | None]: ``{key: Tensor}`` with ``module.`` prefixes removed
+        (DataParallel / DDP), and the wrapper key used (None for a bare state dict).
+    """
+    if not isinstance(obj, Mapping):
+        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; expected the official DANv2 '
+                        f'checkpoint (a dict of tensors saved by {REPO_URL})')
+    wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    state = obj if wrapper is None else obj[wrapper]
+    if not state:
+        raise UserError(f'{path}: the state dict' + (f' [{wrapper}]' if wrapper else '') + ' is empty')
+    not_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        raise UserError(f'{path}: not a state dict of tensors: {_short_list(repr(k) for k in not_tensors)} '
+                        f'(top-level keys: {_short_list(repr(str(k)) for k in obj)}); pass the official DANv2 '
+                        'checkpoint (e.g. danv2_x4_setting1.pth), not a training state')
+    return OrderedDict((bare_key(str(k)), v) for k, v in state.items()), wrapper
+
+
+def check_is_danv2(state, path):
+    """Refuse anything but an official DANv2 state dict, saying what it is instead.
+
+    Raises:
+        UserError: a DANv1, D2CNet, already converted DAN, x1 or unrelated checkpoint.
+    """
+    keys = list(state)
+    if 'Restorer.head1.weight' in state and 'Estimator.head_LR.0.weight' in state:
+        if 'Restorer.upscale.weight' in state:
+            raise UserError(f'{path}: an x1 DANv2 checkpoint (Restorer.upscale is a single conv); DAN here supports '
+                            'x2, x3 and x4')
+        return
+    if 'Restorer.head.weight' in state or 'Estimator.out.weight' in state or 'Estimator.head_LR.weight' in state:
+        raise UserError(f'{path}: a DANv1 checkpoint (Restorer.head and CRB blocks Restorer.body.<b>.body.* on the '
+                        'image features concatenated with the tiled code; Estimator.out regressing the code). DANv1 '
+                        'is not supported yet; use a DANv2 checkpoint (Restorer.head1 / head2 and DPCB blocks with '
+                        'body1 / body2), e.g. danv2_x4_setting1.pth')
+    if 'restorer.image_head.weight' in state:
+        raise UserError(f'{path}: already in this project\'s DAN layout (restorer.image_head, ...); it needs no '
+                        'conversion: set path.pretrain_network_g to it')
+    if 'head.weight' in state and any(k.startswith('tails.') for k in keys):
+        raise UserError(f'{path}: a D2CNet checkpoint (head, tree, tails), not DAN; this tool converts the '
+                        f'official DANv2 checkpoints of {REPO_URL}')
+    raise UserError(f'{path}: not a DANv2 checkpoint: found {len(keys)} keys such as '
+                    f'{_short_list(keys, 4)}; expected Restorer.head1.weight, Estimator.head_LR.0.weight, ... '
+                    f'as saved by {REPO_URL} (codes/config/DANv2)')
+
+
+# ----------------------------------------------------------------------------------------------
+# The mapping
+# ----------------------------------------------------------------------------------------------
+def upscale_table(state):
+    """The official upscale conv index -> DAN module for this checkpoint (from the indices it has)."""
+    indices = sorted({int(m[1]) for m in (re.fullmatch(UPSCALE_RULE, k) for k in state) if m})
+    table = UPSCALE_TABLES.get(tuple(indices))
+    if table is None:
+        raise UserError(f'Restorer.upscale has convs at indices {indices}; DANv2 has them at 0, 2 (x2, x3: conv, '
+                        'pixel shuffle, output conv) or 0, 2, 4 (x4: two conv + pixel shuffle steps, output conv)')
+    return table
+
+
+def dan_key(key, table):
+    """The DAN key of one official key, or None if no rule matches.
+
+    Args:
+        key (str): Official key without ``module.``, e.g. ``Restorer.body.0.body.3.body1.2.weight``.
+        table (dict): From :func:`upscale_table`.
+    """
+    for pattern, target in RULES:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return target.format(*match.groups())
+    match = re.fullmatch(UPSCALE_RULE, key)
+    if match and int(match[1]) in table:
+        return f'{table[int(match[1])]}.{match[2]}'
+    return None
+
+
+def _target_shapes(net_opt):
+    """DAN's state-dict keys and shapes, from a network built on the meta device (no memory)."""
+    from d2c_arch.dan_arch import DAN
+    with torch.device('meta'):
+        net = DAN(**{k: v for k, v in net_opt.items() if k != 'type'})
+    return OrderedDict((k, tuple(v.shape)) for k, v in net.state_dict().items())
+
+
+def _pca_hint(shape, prefix=' (', suffix=')'):
+    """Which official PCA file has this shape, as text for messages ('' if none)."""
+    known = OFFICIAL_PCA_FILES.get(tuple(shape))
+    return f'{prefix}the official {known}{suffix}' if known else ''
+
+
+def _pca_from_encoder(encoder, want, path):
+    """The checkpoint's ``encoder`` buffer (1, l*l, t) as P (l*l, t); UserError naming both shapes."""
+    matrix = encoder[0] if encoder.dim() == 3 and encoder.shape[0] == 1 else encoder
+    if tuple(matrix.shape) != want:
+        raise UserError(
+            f'{path}: the buffer encoder has shape {tuple(encoder.shape)}, but the weights need a PCA matrix '
+            f'(kernel_size**2, code_length) = {want}; the checkpoint is inconsistent')
+    return matrix.float().contiguous()
+
+
+def _pca_from_file(pca_path, want, kernel_size, code_length, has_encoder=False):
+    """P from ``--pca``: the official files (a bare tensor) or scripts/make_dan_pca.py's dict."""
+    from d2c_arch.dan_arch import load_pca_matrix
+    loaded = load_checkpoint(pca_path, '--pca <the PCA matrix .pth>')
+    if isinstance(loaded, Mapping):
+        loaded = loaded.get('pca_matrix', loaded.get('encoder'))
+    if not torch.is_tensor(loaded):
+        raise UserError(f'--pca {pca_path}: holds no PCA matrix (a tensor (l*l, t), or a dict with "pca_matrix")')
+    shape = tuple(loaded.shape[1:]) if loaded.dim() == 3 and loaded.shape[0] == 1 else tuple(loaded.shape)
+    if shape != want:
+        fix = ('drop --pca: the checkpoint carries its own matrix (buffer encoder)'
+               if has_encoder else f'pass the matrix the model was trained with{_pca_hint(want, ", e.g. ", "")}')
+        raise UserError(f'--pca {pca_path} has shape {tuple(loaded.shape)}{_pca_hint(shape)}, but the checkpoint '
+                        f'needs (kernel_size**2, code_length) = {want} (kernel_size {kernel_size} from '
+                        f'Estimator.tail.2, code_length {code_length} from Restorer.head2); {fix}')
+    return load_pca_matrix(loaded, kernel_size, code_length, what=f'--pca {pca_path}')
+
+
+def _check_buffers(state, matrix, kernel_size):
+    """Warnings for ``init_kernel`` / ``init_ker_map`` that are not the delta kernel and its code."""
+    warnings = []
+    if 'init_kernel' in state:
+        delta = torch.zeros(kernel_size, kernel_size)
+        delta[kernel_size // 2, kernel_size // 2] = 1
+        kernel = state['init_kernel'].float()
+        if kernel.numel() != delta.numel() or not torch.equal(kernel.reshape(delta.shape), delta):
+            warnings.append(f'init_kernel {tuple(kernel.shape)} is not the centred {kernel_size}x{kernel_size} delta '
+                            'the official code makes; DAN starts from the delta (its code is row l*l // 2 of P)')
+    if 'init_ker_map' in state:
+        have = state['init_ker_map'].float().reshape(-1)
+        want = matrix[kernel_size**2 // 2]
+        if have.numel() != want.numel():
+            warnings.append(f'init_ker_map has shape {tuple(state["init_ker_map"].shape)}, not (1, {want.numel()}); '
+                            'ignored: DAN starts from the code of the delta kernel, vec(delta) P')
+        elif not torch.allclose(have, want, rtol=0, atol=DELTA_ATOL):
+            diff = (have - want).abs().max().item()
+            warnings.append(f'init_ker_map differs from the delta kernel\'s code vec(delta) P by up to {diff:.3g}; '
+                            'DAN computes its starting code from P, so the first iteration (and so the output) will '
+                            'differ from the official network\'s')
+    return warnings
+
+
+def convert_state_dict(state, pca=None, loop=DEFAULT_LOOP, path='checkpoint', pca_path=None):
+    """An official DANv2 state dict -> a DAN state dict and its ``network_g`` options.
+
+    Args:
+        state (dict[str, Tensor]): Official keys, ``module.`` already removed (:func:`unwrap_state_dict`).
+        pca (Tensor | None): P (l*l, t) given separately (``--pca``), for checkpoints without ``encoder``.
+            If the checkpoint has ``encoder``, they must agree.
+        loop (int): Iterations T for ``network_g``.
+        path (str): The file, for messages.
+        pca_path (str | None): Where ``pca`` came from, for messages (default: 'the given matrix').
+
+    Returns:
+        tuple[OrderedDict, OrderedDict, dict]: ``{DAN key: float32 Tensor}`` (with the buffer
+        ``pca_matrix``), the ``network_g`` options (``type: DAN``), and notes: ``pca`` ('encoder' or
+        'given'), ``warnings`` (list of str), ``missing_buffers`` (official buffers not in the file).
+
+    Raises:
+        UserError: not DANv2, keys left over on either side, shape mismatches, no / wrong PCA matrix.
+    """
+    if not isinstance(loop, int) or loop < 1:
+        raise UserError(f'--loop {loop!r}: the number of iterations must be an integer >= 1 (the official files use 4)')
+    check_is_danv2(state, path)
+    table = upscale_table(state)
+
+    converted, leftover, mapped_from = OrderedDict(), [], {}
+    for key, value in state.items():
+        if key in BUFFERS:
+            continue
+        target = dan_key(key, table)
+        if target is None:
+            leftover.append(key)
+            continue
+        converted[target] = value
+        mapped_from[target] = key
+    if leftover:
+        raise UserError(f'{path}: {len(leftover)} key(s) match no DANv2 module: {_short_list(leftover)}; the file is '
+                        'not a checkpoint of the released DANv2 code (or a modified one)')
+    try:
+        options = infer_dan_options(converted)
+    except (KeyError, ValueError, IndexError) as err:
+        raise UserError(f'{path}: the DANv2 keys are incomplete ({type(err).__name__}: {err})') from None
+    net_opt = OrderedDict(type='DAN')
+    net_opt.update(options)
+    net_opt.update(loop=loop, group_skip=GROUP_SKIP)
+    kernel_size, code_length = options['kernel_size'], options['code_length']
+    if kernel_size**2 != converted['estimator.tail.2.weight'].shape[0] or kernel_size % 2 != 1:
+        raise UserError(f'{path}: Estimator.tail.2 gives {converted["estimator.tail.2.weight"].shape[0]} kernel taps, '
+                        'not the square of an odd kernel side')
+    if options['upscale'] not in (2, 3, 4):
+        raise UserError(f'{path}: Estimator.head_HR.0 has a {converted["estimator.sr_head.weight"].shape[-1]}-wide '
+                        f'kernel, i.e. scale x{options["upscale"]}; DAN supports x2, x3 and x4')
+
+    # P: the file's own matrix wins; a separately given one must then agree (the weights were trained with it)
+    want = (kernel_size**2, code_length)
+    given_name = pca_path or 'the given matrix'
+    if 'encoder' in state:
+        matrix, source = _pca_from_encoder(state['encoder'], want, path), 'encoder'
+        if pca is not None:
+            if tuple(pca.shape) != want:
+                raise UserError(f'--pca {given_name} has shape {tuple(pca.shape)}, the checkpoint needs {want}')
+            if not torch.allclose(pca.float(), matrix, rtol=0, atol=DELTA_ATOL):
+                diff = (pca.float() - matrix).abs().max().item()
+                raise UserError(f'{path} carries its own PCA matrix (buffer encoder), which differs from --pca '
+                                f'{given_name} by up to {diff:.3g}; the weights were trained with the checkpoint\'s: '
+                                'drop --pca')
+    elif pca is None:
+        raise UserError(f'{path} has no PCA matrix (buffer encoder): checkpoints saved before the official code made '
+                        'it a buffer lack it. Pass the matrix the model was trained with: --pca PCA.pth, for a '
+                        f'kernel_size {kernel_size}, code_length {code_length} network a {want} matrix'
+                        f'{_pca_hint(want, ", e.g. ", "")}')
+    else:
+        if tuple(pca.shape) != want:
+            raise UserError(f'--pca {given_name} has shape {tuple(pca.shape)}, but the checkpoint needs '
+                            f'(kernel_size**2, code_length) = {want}{_pca_hint(want, ", e.g. ", "")}')
+        matrix, source = pca.float().contiguous(), 'given'
+    converted['pca_matrix'] = matrix
+
+    targets = _target_shapes(net_opt)
+    missing = [k for k in targets if k not in converted]
+    unexpected = [f'{mapped_from.get(k, k)} (-> {k})' for k in converted if k not in targets]
+    resized = [
+        f'{mapped_from.get(k, k)} {tuple(converted[k].shape)} vs DAN {k} {shape}' for k, shape in targets.items()
+        if k in converted and tuple(converted[k].shape) != shape
+    ]
+    errors = []
+    if unexpected:
+        errors.append(f'{len(unexpected)} key(s) beyond the layout read from the shapes: {_short_list(unexpected)}')
+    if missing:
+        errors.append(f'{len(missing)} DAN parameter(s) not in the checkpoint: {_short_list(missing)}')
+    if resized:
+        errors.append(f'{len(resized)} shape mismatch(es): {_short_list(resized)}')
+    if errors:
+        raise UserError(f'{path}: ' + '; '.join(errors) + f' (layout read from the file: {layout_text(net_opt)})')
+    broken = [mapped_from.get(k, k) for k, v in converted.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise UserError(f'{path}: {len(broken)} tensor(s) hold NaN or inf values: {_short_list(broken)}; the '
+                        'checkpoint is damaged (or was saved after training diverged)')
+
+    state_dict = OrderedDict((k, converted[k].detach().to(torch.float32).contiguous()) for k in targets)
+    notes = {
+        'pca': source,
+        'warnings': _check_buffers(state, matrix, kernel_size),
+        'missing_buffers': [b for b in BUFFERS if b not in state],
+    }
+    return state_dict, net_opt, notes
+
+
+def layout_text(net_opt):
+    """One line describing a DAN layout, e.g. for messages."""
+    return (f'x{net_opt["upscale"]}, restorer {net_opt["num_feat"]} wide, {net_opt["num_group"]} groups x '
+            f'{net_opt["num_block"]} blocks, estimator {net_opt["estimator_feat"]} wide, '
+            f'{net_opt["estimator_blocks"]} blocks, kernel {net_opt["kernel_size"]}, code length '
+            f'{net_opt["code_length"]}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and the command line
+# ----------------------------------------------------------------------------------------------
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dump_yaml(data):
+    import yaml
+
+    from basicsr.utils.options import ordered_yaml
+    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
+
+
+def _write_text(path, text):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)
+
+
+def option_file_text(net_opt, weights_path):
+    """A small BasicSR test option file for the converted weights (DANModel, a placeholder data set).
+
+    Setting-1 layouts (kernel 21, code length 10) get a Gaussian8 Set5 placeholder, others (setting
+    2: kernel 11 / 31) a DIV2KRK one; both under ``datasets/`` where scripts/make_blur_testset.py
+    writes them (Gaussian8: all 8 widths in ``LR`` with their HR in ``HR_all``).
+    """
+    scale = net_opt['upscale']
+    setting1 = (net_opt['kernel_size'], net_opt['code_length']) == (21, 10)
+    if setting1:
+        data_name, root, gt = f'Set5_gaussian8_x{scale}', f'datasets/Set5_gaussian8_x{scale}', 'HR_all'
+        how = f'scripts/make_blur_testset.py gaussian8 --input datasets/Set5/GTmod12 --scale {scale} --output {root}'
+    else:
+        data_name, root, gt = f'DIV2KRK_x{scale}', f'datasets/DIV2KRK_x{scale}', 'HR'
+        how = f'scripts/make_blur_testset.py div2krk ... --scale {scale} --output {root}, or the real DIV2KRK pairs'
+    dataset = {
+        'name': data_name,
+        'type': 'PairedImageDataset',
+        'dataroot_gt': f'{root}/{gt}',
+        'dataroot_lq': f'{root}/LR',
+        'io_backend': {
+            'type': 'disk'
+        },
+    }
+    metric = {'crop_border': scale, 'test_y_channel': True}
+    opt = {
+        'name': f'{os.path.splitext(os.path.basename(weights_path))[0]}_test',
+        'model_type': 'DANModel',
+        'scale': scale,
+        'num_gpu': 'auto',
+        'manual_seed': 0,
+        'datasets': {
+            'test_1': dataset
+        },
+        'network_g': dict(net_opt),
+        'path': {
+            'pretrain_network_g': weights_path,
+            'param_key_g': 'params',
+            'strict_load_g': True
+        },
+        'val': {
+            'save_img': True,
+            'suffix': None,
+            'metrics': {
+                'psnr': {
+                    'type': 'calculate_psnr',
+                    **metric
+                },
+                'ssim': {
+                    'type': 'calculate_ssim',
+                    **metric
+                },
+            },
+        },
+    }
+    header = (f'# Made by {PROG}: test the converted official DANv2 weights ({layout_text(net_opt)}).\n'
+              '#   d2c-test -opt <this file>\n'
+              f'# datasets.test_1 is a placeholder; make it with: python {how}\n'
+              '# PSNR / SSIM on Y with `scale` pixels shaved, as the DAN papers report.\n')
+    return header + _dump_yaml(opt)
+
+
+def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEFAULT_LOOP, force=False):
+    """Convert an official DANv2 checkpoint file (what ``d2c-convert-dan`` does).
+
+    Args:
+        checkpoint (str): The official ``.pth`` (e.g. ``danv2_x4_setting1.pth``).
+        output (str): The BasicSR checkpoint to write, atomically: ``{'params', 'network_g',
+            'converted_from'}``; nothing is written if anything fails.
+        pca (str | None): PCA matrix file for checkpoints without the buffer ``encoder``.
+        opt_out (str | None): Also write a small test option file here (:func:`option_file_text`).
+        loop (int): Iterations T for ``network_g``.
+        force (bool): Overwrite existing output files.
+
+    Returns:
+        list[str]: lines to print for the user.
+    """
+    for path in filter(None, (output, opt_out)):
+        if os.path.exists(checkpoint) and os.path.exists(path) and os.path.samefile(checkpoint, path):
+            raise UserError(f'{path}: the output would overwrite the input checkpoint')
+        if os.path.exists(path) and not force:
+            raise UserError(f'{path} exists; pass --force to overwrite it')
+    if opt_out and os.path.abspath(opt_out) == os.path.abspath(output):
+        raise UserError(f'--opt-out {opt_out} is the output checkpoint too; give it another name')
+
+    obj = load_checkpoint(checkpoint, 'OFFICIAL.pth (the official DANv2 checkpoint)')
+    state, wrapper = unwrap_state_dict(obj, checkpoint)
+    matrix = None
+    if pca is not None:
+        # the sizes to check against come from the weights; read them first so the message can name them
+        check_is_danv2(state, checkpoint)
+        options = _options_for_pca(state, checkpoint)
+        matrix = _pca_from_file(pca, (options['kernel_size']**2, options['code_length']), options['kernel_size'],
+                                options['code_length'], 'encoder' in state)
+    state_dict, net_opt, notes = convert_state_dict(state, matrix, loop, checkpoint, pca)
+
+    # a real strict load into the network the options describe, as path.pretrain_network_g will do
+    from d2c_arch.dan_arch import DAN
+    net = DAN(**{k: v for k, v in net_opt.items() if k != 'type'})
+    net.load_state_dict(state_dict, strict=True)
+    num_params = sum(v.numel() for k, v in state_dict.items() if k != 'pca_matrix')
+
+    lines = [f'read {checkpoint}: {len(state)} tensors' + (f' (under {wrapper!r})' if wrapper else '')]
+    lines.append(f'layout: {layout_text(net_opt)}; loop {loop} (not in the weights), group_skip {GROUP_SKIP!r} '
+                 '(what the official code computes)')
+    if notes['pca'] == 'encoder':
+        lines.append(f'PCA matrix: the checkpoint\'s buffer encoder {tuple(state_dict["pca_matrix"].shape)}')
+    else:
+        lines.append(f'PCA matrix: {pca} {tuple(state_dict["pca_matrix"].shape)} (the checkpoint has no encoder '
+                     f'buffer; missing: {", ".join(notes["missing_buffers"])})')
+    lines.extend(f'warning: {w}' for w in notes['warnings'])
+
+    snippet = _dump_yaml({'network_g': OrderedDict(net_opt)})
+    opt_text = option_file_text(net_opt, output) if opt_out else None
+    result = {
+        'params': state_dict,
+        'network_g': dict(net_opt),
+        # provenance; plain types only, so torch.load(weights_only=True) reads it
+        'converted_from': {
+            'file': os.path.basename(checkpoint),
+            'sha256': _sha256(checkpoint),
+            'format': 'official DANv2 state dict' + (f' under {wrapper!r}' if wrapper else ''),
+            'pca': 'encoder' if notes['pca'] == 'encoder' else os.path.basename(pca),
+            'pca_sha256': None if pca is None else _sha256(pca),
+            'warnings': list(notes['warnings']),
+            'network_g': dict(net_opt),
+            'tool': PROG,
+        },
+    }
+    atomic_write(output, lambda tmp: torch.save(result, tmp))
+    lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
+    if opt_out:
+        atomic_write(opt_out, lambda tmp: _write_text(tmp, opt_text))
+        lines.append(f'wrote {opt_out} (a test option file; its data set is a placeholder)')
+    lines.append('the converted weights need these options:')
+    lines.append(snippet.rstrip('\n'))
+    return lines
+
+
+def _options_for_pca(state, path):
+    """kernel_size and code_length read from the official keys (before the full conversion)."""
+    try:
+        return {
+            'kernel_size': int(round(state['Estimator.tail.2.weight'].shape[0]**0.5)),
+            'code_length': state['Restorer.head2.weight'].shape[1],
+        }
+    except (KeyError, IndexError) as err:
+        raise UserError(f'{path}: the DANv2 keys are incomplete (no {err}); cannot check --pca') from None
