@@ -177,7 +177,9 @@ class DANModel(PluginModelMixin, SRModel):
 
     # ------------------------------------------------------------------------ testing
     def test(self):
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        # the bare network: only rank 0 validates, and a DDP forward would wait for the other ranks
+        # (it broadcasts buffers such as pca_matrix)
+        net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         net.eval()
         with torch.no_grad():
             with autocast(self.device.type, self.val_amp_dtype):

@@ -412,3 +412,25 @@ def test_d2c_infer_runs_dan_with_one_kernel_for_all_tiles(tmp_path, capsys):
     assert cv2.imread(str(tmp_path / 'whole' / 'a_kernel.png')).shape[:2] == (88, 88)
     assert infer.main(common + ['-o', str(tmp_path / 'x'), '--save-branches']) == 2
     assert infer.main(common + ['-o', str(tmp_path / 'x'), '--backend', 'onnxruntime']) == 2
+
+
+@pytest.mark.slow
+def test_dan_model_trains_distributed_on_cpu(tmp_path, dan_data):
+    """Two gloo processes; only rank 0 validates, so validation must not go through DDP's forward."""
+    root, pca = dan_data
+    opt = dan_train_opt(root, pca, name='dist_dan')
+    opt['dist_params'] = {'backend': 'gloo', 'port': 29000 + os.getpid() % 1000}
+    yml = write_yaml(tmp_path / 'dist.yml', opt)
+    result = subprocess.run([
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
+        str(opt['dist_params']['port']), '-m', 'd2c_tools.train', '-opt', yml, '--launcher', 'pytorch'
+    ],
+                            cwd=str(tmp_path),
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    exp = tmp_path / 'experiments' / 'dist_dan'
+    log = open(next(str(exp / f) for f in os.listdir(exp) if f.endswith('.log'))).read()
+    assert 'world_size: 2' in log and 'End of training' in log
+    assert re.search(r'kernel_err \(mean \|k - k_gt\|, 2 images\) of val', log)
