@@ -6,6 +6,7 @@ Used by ``d2c-infer``, ``d2c-summary``, the demo, the benchmarks and ``D2CModel.
 Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses pickled Python objects (that could run code) and loads only tensors and plain containers.
 """
+import hashlib
 import os
 import pickle
 import re
@@ -355,6 +356,25 @@ def atomic_write(path, write):
         if osp.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+
+    def write(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def file_sha256(path):
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_torch_save(obj, save_path):

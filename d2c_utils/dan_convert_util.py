@@ -32,7 +32,6 @@ Refused, with what was found: files that are not DANv2 checkpoints (D2CNet check
 converted ones, anything else), DANv1 checkpoints (not supported yet), x1 checkpoints, PCA
 matrices of the wrong shape, NaN / inf weights.
 """
-import hashlib
 import os
 import re
 from collections import OrderedDict
@@ -41,7 +40,7 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_dan_options
-from .checkpoint_util import atomic_write, load_checkpoint
+from .checkpoint_util import atomic_write, atomic_write_text, file_sha256, load_checkpoint
 from .errors import UserError
 
 PROG = 'd2c-convert-dan'
@@ -365,24 +364,11 @@ def layout_text(net_opt):
 # ----------------------------------------------------------------------------------------------
 # Files and the command line
 # ----------------------------------------------------------------------------------------------
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _dump_yaml(data):
     import yaml
 
     from basicsr.utils.options import ordered_yaml
     return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
-
-
-def _write_text(path, text):
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write(text)
 
 
 def option_file_text(net_opt, weights_path):
@@ -505,10 +491,10 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
         # provenance; plain types only, so torch.load(weights_only=True) reads it
         'converted_from': {
             'file': os.path.basename(checkpoint),
-            'sha256': _sha256(checkpoint),
+            'sha256': file_sha256(checkpoint),
             'format': 'official DANv2 state dict' + (f' under {wrapper!r}' if wrapper else ''),
             'pca': 'encoder' if notes['pca'] == 'encoder' else os.path.basename(pca),
-            'pca_sha256': None if pca is None else _sha256(pca),
+            'pca_sha256': None if pca is None else file_sha256(pca),
             'warnings': list(notes['warnings']),
             'network_g': dict(net_opt),
             'tool': PROG,
@@ -517,7 +503,7 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
     atomic_write(output, lambda tmp: torch.save(result, tmp))
     lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
     if opt_out:
-        atomic_write(opt_out, lambda tmp: _write_text(tmp, opt_text))
+        atomic_write_text(opt_out, opt_text)
         lines.append(f'wrote {opt_out} (a test option file; its data set is a placeholder)')
     lines.append('the converted weights need these options:')
     lines.append(snippet.rstrip('\n'))

@@ -45,7 +45,6 @@ What the conversion does
 dicts), used by the tests to check that a round trip is bit-identical.
 """
 import collections
-import hashlib
 import importlib
 import os
 import pickle
@@ -57,7 +56,7 @@ import numpy as np
 
 from d2c_arch import default_options
 from d2c_arch.upsample_util import upsampler_scale
-from .checkpoint_util import atomic_write
+from .checkpoint_util import atomic_write, atomic_write_text, file_sha256
 from .errors import UserError
 
 PROG = 'd2c-convert-official'
@@ -604,19 +603,6 @@ def _layout_text(layout):
 # ----------------------------------------------------------------------------------------------
 # Files and the command line
 # ----------------------------------------------------------------------------------------------
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_text(path, text):
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write(text)
-
-
 def _dump_yaml(data):
     import yaml
 
@@ -723,7 +709,7 @@ def convert_checkpoint_file(checkpoint,
         # provenance; plain types only, so torch.load(weights_only=True) reads it
         'converted_from': {
             'file': os.path.basename(checkpoint),
-            'sha256': _sha256(checkpoint),
+            'sha256': file_sha256(checkpoint),
             'channel_order': channel_order,
             'mean_shift': notes['mean'],
             'network_g': dict(net_opt),
@@ -734,7 +720,7 @@ def convert_checkpoint_file(checkpoint,
     lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
 
     if opt_out:
-        atomic_write(opt_out, lambda tmp: _write_text(tmp, opt_text))
+        atomic_write_text(opt_out, opt_text)
         lines.append(f'wrote {opt_out}' + (' (a complete test option file)' if template else ''))
     lines.append('the converted weights need these options (note rgb_mean):')
     lines.append(snippet.rstrip('\n'))

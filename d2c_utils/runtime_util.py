@@ -215,10 +215,8 @@ def read_onnx_metadata(path):
 
 def checkpoint_digest(model_path, net_opt, param_key, outputs):
     """A key for the cache of exports: the checkpoint's bytes, the options, the output set, the versions."""
-    digest = hashlib.sha256()
-    with open(model_path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
+    from .checkpoint_util import file_sha256  # noqa: PLC0415  (checkpoint_util imports the archs)
+    digest = hashlib.sha256(file_sha256(model_path).encode())
     settings = {'net_opt': net_opt, 'param_key': param_key, 'outputs': outputs, 'torch': torch.__version__}
     digest.update(json.dumps(settings, sort_keys=True, default=list).encode())
     return digest.hexdigest()[:32]
