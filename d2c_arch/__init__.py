@@ -22,6 +22,5 @@ from .vdsr_arch import VDSR  # noqa: E402
 # BRANCH_REGISTRY and d2c_arch.branch_util
 __all__ = [
     'D2CNet', 'BRANCH_REGISTRY', 'RCANBranch', 'EDSRBranch', 'VDSR', 'RDN', 'IMDN', 'bare_key', 'default_options',
-    'infer_options', 'is_convergence_key', 'DAN', 'infer_dan_options', 'SDFlow',
-    'infer_sdflow_options'
+    'infer_options', 'is_convergence_key', 'DAN', 'infer_dan_options', 'SDFlow', 'infer_sdflow_options'
 ]

@@ -287,7 +287,8 @@ class FlowStep(FlowSequence):
 
 def transition(num_channels, num_pairs=2):
     """``num_pairs`` x (ActNorm, InvConv1x1): mixes channels after a squeeze or before an unsqueeze."""
-    return FlowSequence([layer for _ in range(num_pairs) for layer in (ActNorm(num_channels), InvConv1x1(num_channels))])
+    return FlowSequence(
+        [layer for _ in range(num_pairs) for layer in (ActNorm(num_channels), InvConv1x1(num_channels))])
 
 
 def split(z, num_keep):

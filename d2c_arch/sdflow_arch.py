@@ -24,8 +24,16 @@ from torch import nn as nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from d2c_utils.errors import UserError
 from .arch_util import reject_unknown_options
-from .flow_util import (CheckerboardSqueeze, ConditionEncoder, FlowSequence, FlowStep, full_precision,
-                        gaussian_log_prob, split, transition)
+from .flow_util import (
+    CheckerboardSqueeze,
+    ConditionEncoder,
+    FlowSequence,
+    FlowStep,
+    full_precision,
+    gaussian_log_prob,
+    split,
+    transition,
+)
 
 CONTENT_CHANNELS = 3
 MIXTURE_SAMPLING = ('element', 'image')
@@ -97,7 +105,13 @@ class ConditionalFlow(nn.Module):
     with ``squeeze``.
     """
 
-    def __init__(self, num_channels, cond_channels, num_steps=8, num_block=8, num_feat=64, hidden_channels=64,
+    def __init__(self,
+                 num_channels,
+                 cond_channels,
+                 num_steps=8,
+                 num_block=8,
+                 num_feat=64,
+                 hidden_channels=64,
                  squeeze=False):
         super().__init__()
         self.squeeze = squeeze
@@ -111,9 +125,8 @@ class ConditionalFlow(nn.Module):
             self.cond_net = encoder
             self.squeeze_layers = FlowSequence()
         self.latent_channels = num_channels
-        self.steps = FlowSequence([
-            FlowStep(num_channels, num_feat, hidden_channels, coupling=i < num_steps - 1) for i in range(num_steps)
-        ])
+        self.steps = FlowSequence(
+            [FlowStep(num_channels, num_feat, hidden_channels, coupling=i < num_steps - 1) for i in range(num_steps)])
 
     def forward(self, z, logdet=None, cond=None, reverse=False):
         feat = self.cond_net(cond)
@@ -176,8 +189,8 @@ class DegradationFlow(nn.Module):
 
     def __init__(self, num_steps=8, num_block=4, num_feat=64, hidden_channels=64, num_components=16):
         super().__init__()
-        self.flow = ConditionalFlow(CONTENT_CHANNELS, CONTENT_CHANNELS, num_steps, num_block, num_feat,
-                                    hidden_channels, squeeze=True)
+        self.flow = ConditionalFlow(
+            CONTENT_CHANNELS, CONTENT_CHANNELS, num_steps, num_block, num_feat, hidden_channels, squeeze=True)
         self.prior = MixturePrior(num_components)
 
     def log_prob(self, z_d, content):
@@ -277,8 +290,8 @@ class LRContentEncoder(nn.Module):
             return nn.Conv2d(cin, cout, 3, padding=1, padding_mode='reflect')
 
         self.conv_first = conv(3, num_feat)
-        self.mod_body = nn.Sequential(*[m for _ in range(num_mod_convs) for m in (conv(num_feat, num_feat),
-                                                                                  nn.LeakyReLU(0.2, inplace=True))])
+        self.mod_body = nn.Sequential(
+            *[m for _ in range(num_mod_convs) for m in (conv(num_feat, num_feat), nn.LeakyReLU(0.2, inplace=True))])
         self.body = nn.ModuleList([ModulatedResBlock(num_feat) for _ in range(num_block)])
         self.conv_hr = conv(num_feat, num_feat)
         self.conv_last = nn.Conv2d(num_feat, CONTENT_CHANNELS, 1)
