@@ -392,9 +392,46 @@ class SDFlow(nn.Module):
         lq, _ = self.lr_flow(content + z_d, None, reverse=True)
         return lq
 
+    def training_outputs(self, hr, lq, cycle_temperature=None, generator=None):
+        """Everything one unpaired training step needs, in one call (one DDP forward).
+
+        Args:
+            hr (Tensor): (N, 3, H, W) HR crops in [-1, 1] (dequantised), H, W multiples of 8.
+            lq (Tensor): (M, 3, h, w) LR crops in [-1, 1] (dequantised), unrelated to ``hr``.
+            cycle_temperature (float | None): Also downscale ``hr`` (no gradient, 8-bit rounded)
+                at this temperature and encode the result (the content-cycle term); None: skip.
+            generator (torch.Generator | None): For the downscaling draw.
+
+        Returns:
+            dict: ``content_hr`` z_c(x) (N, 3, H/4, W/4); ``log_p_hr`` log p(x | z_c) (N,);
+            ``content_lr`` E(y) (M, 3, h, w); ``log_p_lr`` log p(y | sg(E(y))) (M,); with a cycle
+            temperature also ``lq_fake`` (N, 3, H/4, W/4) and ``content_fake`` E(lq_fake).
+        """
+        content_hr, log_p_hr = self.hr_log_prob(hr)
+        content_lr = self.lr_encoder(lq)
+        # the LR likelihood models what the content leaves out; it must not pull E towards f_LR(y)
+        # (E would then absorb the degradation), so E sees it only through the stop-gradient
+        out = {
+            'content_hr': content_hr,
+            'log_p_hr': log_p_hr,
+            'content_lr': content_lr,
+            'log_p_lr': self.lr_log_prob(lq, content_lr.detach()),
+        }
+        if cycle_temperature is not None:
+            with torch.no_grad():
+                fake = self.downscale_flow_space(None, cycle_temperature, generator, content=content_hr.detach())
+                out['lq_fake'] = torch.round((fake.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+            out['content_fake'] = self.lr_encoder(out['lq_fake'])
+        return out
+
     # ------------------------------------------------------------------------ public API ([0, 1] images)
-    def forward(self, lq, temperature=None):
-        """SR (N, 3, 4h, 4w) in [0, 1] of lq (N, 3, h, w) in [0, 1] at ``temperature`` (default: the option)."""
+    def forward(self, lq, temperature=None, hr=None, **training):
+        """SR (N, 3, 4h, 4w) in [0, 1] of lq (N, 3, h, w) in [0, 1] at ``temperature`` (default: the option).
+
+        With ``hr`` (training, [-1, 1] inputs): :meth:`training_outputs` ``(hr, lq, **training)``.
+        """
+        if hr is not None:
+            return self.training_outputs(hr, lq, **training)
         return self.super_resolve(lq, temperature)
 
     def super_resolve(self, lq, temperature=None, generator=None):

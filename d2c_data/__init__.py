@@ -4,5 +4,6 @@ import d2c_compat
 d2c_compat.apply()  # must run before the first ``import basicsr``
 
 from .hr_image_dataset import HRImageDataset  # noqa: E402
+from .unpaired_image_dataset import UnpairedImageDataset  # noqa: E402
 
-__all__ = ['HRImageDataset']
+__all__ = ['HRImageDataset', 'UnpairedImageDataset']
