@@ -493,7 +493,7 @@ def infer_sdflow_options(state_dict):
         'hf_steps': count('hr_flow.hf_flow.steps.'),
         'hf_blocks': count('hr_flow.hf_flow.cond_net.body.'),
         'encoder_blocks': count('lr_encoder.body.'),
-        'encoder_mod_convs': count('lr_encoder.mod_body.') // 2,
+        'encoder_mod_convs': count('lr_encoder.mod_body.'),  # convolutions only: LReLUs hold no weights
         'downscaler': 'deg_flow.prior.means' in state_dict,
     }
     if opts['downscaler']:
