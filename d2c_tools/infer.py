@@ -4,6 +4,8 @@
     python -m d2c_tools.infer -i photos/ -o results/infer --model ... --opt ... --tile 128
     d2c-infer -i photos/ --model D2C_x4.onnx --backend onnxruntime      (a file written by d2c-export)
     d2c-infer -i photos/ --model DANv2_x4.pth --save-kernel              (DAN: blind SR, kernel pictures)
+    d2c-infer -i photos/ --model SDFlow_x4.pth --samples 8 --temperature 0.8   (SDFlow: 8 SR samples + mean/spread)
+    d2c-infer -i hr_photos/ --model SDFlow_x4.pth --downscale --samples 4      (SDFlow: 4 realistic LR images each)
 
 Backends: torch (PyTorch), onnxruntime, openvino (pip install "d2c-sr[onnx]" / "d2c-sr[openvino]").
 The default, auto, takes the fastest one installed as measured for this project (OpenVINO on a
@@ -33,6 +35,7 @@ from d2c_utils.img_util import list_inputs
 from d2c_utils.infer_util import OutputOptions, process_image, select_device, select_precision, write_metrics
 from d2c_utils.precision_util import precision_name
 from d2c_utils.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
+from d2c_utils.sdflow_infer_util import load_sdflow, process_sdflow_image
 from d2c_utils.tile_util import GuardedForward, prepare_network
 
 PROG = 'd2c-infer'
@@ -126,6 +129,24 @@ def parse_args(argv):
         'share one kernel (default: %(default)s)')
     dan.add_argument(
         '--save-kernel', action='store_true', help="also write each image's estimated kernel <name>_kernel.png/.npy")
+    flow = parser.add_argument_group('SDFlow (unpaired SR and downscaling) checkpoints')
+    flow.add_argument(
+        '--temperature',
+        type=float,
+        default=None,
+        help="sampling temperature of the latents: 0 = the deterministic SR of the zero latent; default: the "
+        "checkpoint's (0.8, the paper's)")
+    flow.add_argument(
+        '--samples',
+        type=int,
+        default=1,
+        help='images drawn per input: <name>_sample<i> (or _lr<i>), and with more than one their per-pixel mean '
+        '<name>_mean and spread heatmap <name>_spread.png (default: %(default)s)')
+    flow.add_argument('--seed', type=int, default=0, help='seed of the first sample (default: %(default)s)')
+    flow.add_argument(
+        '--downscale',
+        action='store_true',
+        help='the inputs are HR photos (sides multiples of 4): write realistic x4 LR images of them')
     extra = parser.add_argument_group('pictures and metrics')
     extra.add_argument(
         '--save-branches', action='store_true', help="also write each branch's prediction <name>_branch<i>.<ext>")
@@ -151,6 +172,10 @@ def parse_args(argv):
     for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size', 'kernel_crop'):
         if getattr(args, name) < 0:
             parser.error(f'--{name.replace("_", "-")} must be >= 0')
+    if args.samples < 1:
+        parser.error('--samples must be >= 1')
+    if args.temperature is not None and args.temperature < 0:
+        parser.error('--temperature must be >= 0')
     if args.outscale is not None and args.outscale <= 0:
         parser.error('--outscale must be positive')
     if args.reference and not os.path.isdir(args.reference):
@@ -173,9 +198,23 @@ def dan_backend(args):
     return 'torch', 'requested' if args.backend == 'torch' else 'auto: DAN runs on PyTorch'
 
 
+def sdflow_backend(args):
+    """SDFlow runs on PyTorch, writes SR (or LR) samples, and has no branches or reference metrics."""
+    if args.backend not in ('auto', 'torch'):
+        raise UserError(f'--backend {args.backend}: SDFlow checkpoints run with --backend torch (or auto); d2c-export '
+                        'exports D2CNet models')
+    if args.save_branches or args.save_weights or args.reference or args.outscale:
+        raise UserError('SDFlow writes samples: drop --save-branches / --save-weights / --reference / --outscale '
+                        '(--samples N writes N samples with their mean and spread)')
+    return 'torch', 'requested' if args.backend == 'torch' else 'auto: SDFlow runs on PyTorch'
+
+
 def open_model(args, backend, device, kind='D2CNet'):
-    """The network to run (D2CNet, DAN or an exported D2CNet), its description and the autocast dtype."""
-    if kind == 'DAN':
+    """The network to run (D2CNet, DAN, SDFlow or an exported D2CNet), its description and the autocast dtype."""
+    if kind == 'SDFlow':
+        dtype = select_precision(args.precision, device, warn)
+        net, info = load_sdflow(args.model, args.opt, args.param_key, device)
+    elif kind == 'DAN':
         dtype = select_precision(args.precision, device, warn)
         net, info = load_dan(args.model, args.opt, args.param_key, device)
         prepare_network(net, args.channels_last)
@@ -230,7 +269,12 @@ def main(argv=None):
         kind = model_type(args.model, args.opt)
         if kind == 'DAN':
             backend, why = dan_backend(args)
+        elif kind == 'SDFlow':
+            backend, why = sdflow_backend(args)
         else:
+            if args.downscale or args.samples > 1 or args.temperature is not None:
+                raise UserError(f'--downscale, --samples and --temperature are for SDFlow checkpoints; {args.model} '
+                                f'holds a {kind}')
             backend, why = select_backend(args.backend, args.model, device)
         inputs = list_inputs(args.input)
         net, info, dtype = open_model(args, backend, device, kind)
@@ -243,7 +287,13 @@ def main(argv=None):
     tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
     weights = args.model + (f' [{info["param_key"]}]' if info.get('param_key') else '')
     layout = ('channels_last' if args.channels_last else 'NCHW') if backend == 'torch' else info['prepared']
-    if kind == 'DAN':
+    if kind == 'SDFlow':
+        temperature = net.temperature if args.temperature is None else args.temperature
+        task = 'downscaling HR photos' if args.downscale else 'SR'
+        network = f'SDFlow x4, {task}, {args.samples} sample(s) at temperature {temperature} (seed {args.seed})'
+        if args.downscale and args.tile:
+            warn('--tile is ignored when downscaling (whole images)')
+    elif kind == 'DAN':
         crop = f'kernel from the central {args.kernel_crop}px' if args.kernel_crop else 'kernel from the whole image'
         network = f'DAN x{net.upscale}, loop {net.loop}, kernel {net.kernel_size}x{net.kernel_size} ({crop})'
     else:
@@ -261,7 +311,10 @@ def main(argv=None):
     failed, rows = [], []
     for path in tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr):
         try:
-            metrics = process_image(path, net, options, device, forward, PROG)
+            if kind == 'SDFlow':
+                metrics = process_sdflow_image(path, net, options, device, forward, PROG)
+            else:
+                metrics = process_image(path, net, options, device, forward, PROG)
         except (ImageError, OSError) as err:  # OSError: e.g. the output folder became unwritable
             failed.append(path)
             tqdm.write(f'{PROG}: skipped {path}: {err}', file=sys.stderr)

@@ -16,12 +16,13 @@ from .checkpoint_util import carried_options, load_checkpoint, mismatch_message,
 from .errors import UserError
 
 DAN_KEY = 'restorer.image_head.weight'
+SDFLOW_KEY = 'lr_encoder.conv_first.weight'
 # options the weights cannot tell; a checkpoint without options runs with these (and a warning)
 DAN_ASSUMED = {'loop': 4, 'group_skip': 'double'}
 
 
 def model_type(model_path, opt_path=None):
-    """'DAN' or 'D2CNet': what ``--model`` (with ``--opt``) holds, from the option file or the keys."""
+    """'DAN', 'SDFlow' or 'D2CNet': what ``--model`` (with ``--opt``) holds, from the option file or the keys."""
     if model_path.lower().endswith('.onnx'):
         return 'D2CNet'
     if opt_path:
@@ -30,12 +31,14 @@ def model_type(model_path, opt_path=None):
                 network = (yaml.safe_load(f) or {}).get('network_g') or {}
         except (OSError, yaml.YAMLError):
             return 'D2CNet'  # the D2CNet loader reports the problem with the file
-        return 'DAN' if network.get('type') == 'DAN' else 'D2CNet'
+        return network.get('type') if network.get('type') in ('DAN', 'SDFlow') else 'D2CNet'
     try:
         ckpt = load_checkpoint(model_path)
     except UserError:
         return 'D2CNet'
     state = ckpt.get('params_ema', ckpt.get('params', ckpt)) if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and any(k.endswith(SDFLOW_KEY) for k in state):
+        return 'SDFlow'
     return 'DAN' if isinstance(state, dict) and any(k.endswith(DAN_KEY) for k in state) else 'D2CNet'
 
 

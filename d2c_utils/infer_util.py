@@ -47,6 +47,7 @@ class OutputOptions:
         reference (str | None): Folder of ground-truth images with the same file names.
         kernel_crop (int): DAN: side of the central LR window the kernel is estimated on (0: all).
         save_kernel (bool): DAN: also write the estimated kernel (``_kernel.png``, ``_kernel.npy``).
+        samples, temperature, seed, downscale: SDFlow (see :mod:`d2c_utils.sdflow_infer_util`).
     """
     output: str
     suffix: str = 'out'
@@ -61,6 +62,10 @@ class OutputOptions:
     reference: str = None
     kernel_crop: int = 256
     save_kernel: bool = False
+    samples: int = 1
+    temperature: float = None
+    seed: int = 0
+    downscale: bool = False
 
     @classmethod
     def from_namespace(cls, args):

@@ -1,0 +1,152 @@
+"""SDFlow checkpoints in ``d2c-infer``: loading, SR samples at a temperature, downscaling HR photos.
+
+SR: ``--samples N`` draws N SR images per input (seeds ``seed .. seed + N - 1``, so a run is
+reproducible), writes each, and with N > 1 also their per-pixel mean and a heatmap of their
+per-pixel spread (standard deviation over the samples, mean over RGB; blue 0, red the image's
+maximum, which is printed). Tiling works as for D2CNet: every tile draws its own latent noise,
+which is what one whole-image draw does anyway (the latent is i.i.d. per position).
+Downscaling (``--downscale``): N realistic LR images per HR photo (sides multiples of 4), whole
+images (the flows are convolutional; no tiling).
+"""
+import sys
+from os import path as osp
+
+import numpy as np
+import torch
+import yaml
+from torch import nn as nn
+from tqdm import tqdm
+
+from d2c_arch import SDFlow, infer_sdflow_options
+from d2c_arch.arch_util import accepted_options
+from d2c_arch.sdflow_arch import NOT_INFERABLE
+from .checkpoint_util import carried_options, load_checkpoint, mismatch_message, select_state_dict
+from .errors import ImageError, UserError
+from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
+from .precision_util import autocast
+from .tile_util import super_resolve
+from .visual_util import weight_heatmap
+
+
+def load_sdflow(model_path, opt_path=None, param_key=None, device='cpu'):
+    """Build SDFlow and load a checkpoint (weights only).
+
+    Options come from ``opt_path`` (``network_g``), the options a checkpoint carries, or the
+    weights (:func:`d2c_arch.infer_sdflow_options`; the temperature and the mixture sampling
+    then keep their defaults, with a warning).
+
+    Returns:
+        tuple[SDFlow, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
+        ``net_opt``, ``warnings``.
+    """
+    ckpt = load_checkpoint(model_path)
+    state, key = select_state_dict(ckpt, model_path, param_key)
+    warnings = []
+    if opt_path:
+        with open(opt_path, encoding='utf-8') as f:
+            net_opt, source = dict(yaml.safe_load(f)['network_g']), opt_path
+    elif carried_options(ckpt):
+        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
+    else:
+        try:
+            net_opt = infer_sdflow_options(state)
+        except ValueError as err:
+            raise UserError(f'{model_path}: {err}') from None
+        source = f'{model_path} (shape inferred from the keys)'
+        warnings.append(f'no options: {", ".join(NOT_INFERABLE)} keep their defaults (temperature 0.8, element-wise '
+                        'mixture sampling); --temperature sets the first')
+    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
+    unknown = sorted(set(kwargs) - set(accepted_options(SDFlow)))
+    if unknown:
+        raise UserError(f'{source}: network_g has options SDFlow does not know: {unknown}')
+    net = SDFlow(**kwargs)
+    problem = mismatch_message(net, state, net_opt, source, f'checkpoint {model_path}' + (f' [{key}]' if key else ''),
+                               'pass the option file this checkpoint was trained with (--opt)')
+    if problem:
+        raise UserError(problem)
+    net.load_state_dict(state, strict=True)
+    return net.eval().to(device), {'param_key': key, 'opt_source': source, 'net_opt': net_opt, 'warnings': warnings}
+
+
+class SampledSR(nn.Module):
+    """SDFlow's SR at a fixed temperature and noise generator, with D2CNet's call signature (for tiling)."""
+
+    def __init__(self, net, temperature, generator=None):
+        super().__init__()
+        self.net, self.temperature, self.generator = net, temperature, generator
+        self.upscale = net.upscale
+
+    def forward(self, lq, return_branches=False):
+        return self.net.super_resolve(lq, self.temperature, self.generator)
+
+
+def _generator(device, seed):
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def process_sdflow_image(path, net, options, device, forward, prog='d2c-infer'):
+    """SR samples (or, with ``options.downscale``, LR samples) of one file, written to ``options.output``.
+
+    Args:
+        path (str): The input image (an LR photo, or an HR photo to downscale).
+        net (SDFlow): In eval mode, on ``device``.
+        options (OutputOptions): ``samples``, ``temperature`` (None: the network's), ``seed``,
+            ``downscale`` and the usual output options.
+        forward (GuardedForward): Its ``dtype`` is the autocast dtype of the condition networks.
+
+    Raises:
+        ImageError: the input cannot be used (the caller skips it; nothing is written for it).
+    """
+    img = read_image(path)
+    kind, max_value = image_kind(img)
+    src, alpha = split_input(img)
+    temperature = net.temperature if options.temperature is None else options.temperature
+    dtype = getattr(forward, 'dtype', None)
+    height, width = src.shape[2:]
+    if options.downscale and (height % 4 or width % 4):
+        raise ImageError(f'{osp.basename(path)} is {width}x{height}; downscaling x4 needs both sides to be multiples '
+                         f'of 4: crop it to {width // 4 * 4}x{height // 4 * 4}')
+    ext, note = output_ext(options.ext, path, kind, max_value)
+    if note:
+        tqdm.write(f'{prog}: note: {osp.basename(path)}: {note}', file=sys.stderr)
+    stem = osp.splitext(osp.basename(path))[0]
+    total = total_sq = None
+    for i in range(options.samples):
+        gen = _generator(device, options.seed + i)
+        if options.downscale:
+            with torch.no_grad(), autocast(device.type, dtype):
+                out = net.downscale(src.to(device), temperature, gen).float().cpu()
+        else:
+            out, _, _ = super_resolve(
+                SampledSR(net, temperature, gen),
+                src,
+                net.upscale,
+                tile=options.tile,
+                tile_pad=options.tile_pad,
+                pre_pad=options.pre_pad,
+                device=device,
+                forward=forward)
+        if not torch.isfinite(out).all():
+            raise ImageError(f'{osp.basename(path)}: sample {i} has NaN/inf values at temperature {temperature}; '
+                             'lower --temperature')
+        out = out.clamp(0, 1)
+        total = out.double() if total is None else total + out
+        total_sq = out.double()**2 if total_sq is None else total_sq + out.double()**2
+        label = options.suffix if options.samples == 1 else f'{"lr" if options.downscale else "sample"}{i + 1}'
+        name = f'{stem}_{label}' if label else stem
+        write_image(osp.join(options.output, f'{name}.{ext}'), compose_output(to_bgr(out), kind, max_value, alpha))
+    if options.samples > 1:
+        mean = total / options.samples
+        spread = (total_sq / options.samples - mean**2).clamp_min(0).sqrt().mean(dim=1)[0].numpy()
+        write_image(
+            osp.join(options.output, f'{stem}_mean.{ext}'),
+            compose_output(to_bgr(mean.float()), kind, max_value, alpha))
+        peak = float(spread.max())
+        write_image(osp.join(options.output, f'{stem}_spread.png'), weight_heatmap(spread, max(peak, 1e-6)))
+        tqdm.write(
+            f'{prog}: {osp.basename(path)}: {options.samples} samples at temperature {temperature}; '
+            f'spread (per-pixel std) mean {float(np.mean(spread)):.4f}, max {peak:.4f}',
+            file=sys.stderr)
+    return None
