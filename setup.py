@@ -62,6 +62,7 @@ setup(
             'd2c-swap=d2c_tools.swap:main',
             'd2c-export=d2c_tools.export:main',
             'd2c-convert-dan=d2c_tools.convert_dan:main',
+            'd2c-convert-sdflow=d2c_tools.convert_sdflow:main',
         ],
     },
     classifiers=[
