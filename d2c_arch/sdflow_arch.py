@@ -18,6 +18,8 @@ The four networks live in one module (one checkpoint): ``hr_flow`` (with the HF 
 ``lr_encoder``, and, unless ``downscaler: false``, ``lr_flow`` and ``deg_flow``. Sizes follow the
 official code (x4 only): 10.05 M parameters on the SR path, 12.32 M on the downscaling path.
 """
+import math
+
 import torch
 from torch import nn as nn
 
@@ -161,8 +163,7 @@ class MixturePrior(nn.Module):
         """log p(u) summed over all but the batch dimension: (N, ...) -> (N,)."""
         u = full_precision(u)
         per_component = gaussian_log_prob(u.unsqueeze(-1), self.means, self.log_stds)  # (N, ..., K)
-        log_k = torch.log(torch.tensor(float(self.means.numel()), device=u.device))
-        return (torch.logsumexp(per_component, dim=-1) - log_k).flatten(1).sum(dim=1)
+        return (torch.logsumexp(per_component, dim=-1) - math.log(self.means.numel())).flatten(1).sum(dim=1)
 
     def sample(self, shape, temperature=1.0, generator=None, mode='element', device=None):
         """Draw u of ``shape`` (N, ...): ``mu_k + temperature * sigma_k * eps``.

@@ -599,3 +599,129 @@ def test_sdflow_runs_through_basicsr_test_code(tmp_path):
                                            1)).permute(2, 0, 1)[None]
     with torch.no_grad():
         assert torch.equal(net(lq), net.super_resolve(lq, 0.0))
+
+
+# ---------------------------------------------------------------------------------- inference and pairs
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    net = tiny_net().float()
+    path = str(tmp_path / 'sdflow.pth')
+    torch.save({'params': net.state_dict()}, path)
+    return net, path
+
+
+def test_d2c_infer_writes_samples_mean_and_spread_and_downscales(tmp_path, tiny_checkpoint, capsys):
+    from d2c_tools import infer
+    net, pth = tiny_checkpoint
+    hr_dir, lr_dir = make_pairs(str(tmp_path / 'data'), num=2, hr_size=32)
+    common = ['--model', pth, '--precision', 'fp32', '--no-channels-last', '-q']
+    assert infer.main(['-i', lr_dir, '-o', str(tmp_path / 'sr')] + common + ['--samples', '3', '--seed', '5']) == 0
+    out = sorted(os.listdir(tmp_path / 'sr'))
+    assert out == sorted(f'img{i}_{k}.png' for i in range(2)
+                         for k in ('sample1', 'sample2', 'sample3', 'mean', 'spread'))
+    lq = torch.from_numpy(cv2.imread(os.path.join(lr_dir, 'img0.png'))[..., ::-1].astype(np.float32) / 255)
+    lq = lq.permute(2, 0, 1)[None].contiguous()
+    with torch.no_grad():  # sample i is seed + i - 1 at the checkpoint's temperature, as net.super_resolve draws it
+        want = [net.super_resolve(lq, 0.8, torch.Generator().manual_seed(5 + i)) for i in range(3)]
+    for i, sr in enumerate(want):
+        got = cv2.imread(str(tmp_path / 'sr' / f'img0_sample{i + 1}.png'))[..., ::-1].astype(int)
+        assert np.abs(got - (sr[0].numpy().transpose(1, 2, 0) * 255).round().astype(int)).max() <= 1
+    mean = cv2.imread(str(tmp_path / 'sr' / 'img0_mean.png'))[..., ::-1].astype(float)
+    stack = torch.stack(want).mean(0)[0].numpy().transpose(1, 2, 0) * 255
+    assert np.abs(mean - stack).max() <= 1
+    assert 'spread (per-pixel std) mean' in capsys.readouterr().err
+    # temperature 0: one deterministic image, equal to net(lq, temperature=0)
+    assert infer.main(['-i', lr_dir, '-o', str(tmp_path / 't0')] + common + ['--temperature', '0']) == 0
+    got = cv2.imread(str(tmp_path / 't0' / 'img0_out.png'))[..., ::-1].astype(int)
+    with torch.no_grad():
+        want0 = (net(lq, temperature=0)[0].numpy().transpose(1, 2, 0) * 255).round().astype(int)
+    assert np.abs(got - want0).max() <= 1
+    # downscaling: LR samples of the HR photos, x4 smaller
+    assert infer.main(['-i', hr_dir, '-o', str(tmp_path / 'ds'), '--downscale', '--samples', '2'] + common) == 0
+    assert cv2.imread(str(tmp_path / 'ds' / 'img1_lr2.png')).shape == (8, 8, 3)
+    # an HR photo whose sides are not multiples of 4 is skipped with the reason, nothing written for it
+    odd = tmp_path / 'odd'
+    odd.mkdir()
+    cv2.imwrite(str(odd / 'bad.png'), np.zeros((30, 33, 3), np.uint8))
+    assert infer.main(['-i', str(odd), '-o', str(tmp_path / 'odd_out'), '--downscale'] + common) == 1
+    assert 'bad.png is 33x30; downscaling x4 needs both sides to be multiples of 4' in capsys.readouterr().err
+    assert not os.listdir(tmp_path / 'odd_out')
+    # refusals
+    assert infer.main(['-i', lr_dir, '-o', str(tmp_path / 'x'), '--save-branches'] + common) == 2
+    assert infer.main(['-i', lr_dir, '-o', str(tmp_path / 'x'), '--backend', 'onnxruntime'] + common) == 2
+    with pytest.raises(SystemExit):
+        infer.main(['-i', lr_dir, '-o', str(tmp_path / 'x'), '--samples', '0'] + common)
+
+
+def test_make_sdflow_pairs_writes_folders_and_lmdb_all_or_nothing(tmp_path, tiny_checkpoint):
+    net, pth = tiny_checkpoint
+    hr_dir, _ = make_pairs(str(tmp_path / 'data'), num=2, hr_size=36)  # 36: mod-cropped as is, padded inside
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'make_sdflow_pairs.py')
+    out = tmp_path / 'pairs'
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, '--model', pth, '-q', *args],
+                              capture_output=True,
+                              text=True,
+                              timeout=120)
+
+    result = run('-i', hr_dir, '-o', str(out), '--samples', '2', '--lmdb', '--temperature', '0.5')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(out / 'LR')) == ['img0_s0.png', 'img0_s1.png', 'img1_s0.png', 'img1_s1.png']
+    assert cv2.imread(str(out / 'LR' / 'img0_s1.png')).shape == (9, 9, 3)
+    assert cv2.imread(str(out / 'HR' / 'img0_s1.png')).shape == (36, 36, 3)
+    hr = torch.from_numpy(cv2.imread(str(out / 'HR' / 'img0_s0.png'))[..., ::-1].astype(np.float32) / 255)
+    with torch.no_grad():
+        want = net.downscale(hr.permute(2, 0, 1)[None].contiguous(), 0.5, torch.Generator().manual_seed(1))
+    got = cv2.imread(str(out / 'LR' / 'img0_s1.png'))[..., ::-1].astype(int)
+    assert np.abs(got - (want[0].numpy().transpose(1, 2, 0) * 255).round().astype(int)).max() <= 1
+    from basicsr.data.data_util import paths_from_lmdb
+    assert sorted(paths_from_lmdb(str(out / 'LR.lmdb'))) == ['img0_s0', 'img0_s1', 'img1_s0', 'img1_s1']
+    # the D2C option files read the pairs as they are
+    from basicsr.data.paired_image_dataset import PairedImageDataset
+    ds = PairedImageDataset({
+        'dataroot_gt': str(out / 'HR.lmdb'),
+        'dataroot_lq': str(out / 'LR.lmdb'),
+        'io_backend': {
+            'type': 'lmdb'
+        },
+        'phase': 'val',
+        'scale': 4,
+        'filename_tmpl': '{}'
+    })
+    assert ds[0]['lq'].shape == (3, 9, 9)
+    # an unreadable image stops the run and leaves nothing behind; --skip-bad skips it
+    with open(os.path.join(hr_dir, 'zz.png'), 'wb') as f:
+        f.write(b'junk')
+    result = run('-i', hr_dir, '-o', str(tmp_path / 'bad'))
+    assert result.returncode == 2 and 'zz.png is not a readable image' in result.stderr
+    assert not any(p.name.startswith('bad') for p in tmp_path.iterdir())
+    result = run('-i', hr_dir, '-o', str(tmp_path / 'skip'), '--skip-bad')
+    assert result.returncode == 0 and len(os.listdir(tmp_path / 'skip' / 'LR')) == 2
+    assert run('-i', hr_dir, '-o', str(out)).returncode == 2  # never overwrites
+    assert run('--help').returncode == 0
+
+
+def test_sdflow_option_files_build():
+    import glob
+
+    import yaml
+
+    from basicsr.archs import build_network
+    from basicsr.losses import build_loss
+    from basicsr.utils.registry import MODEL_REGISTRY
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'options', 'sdflow', '*.yml')))
+    assert len(files) == 2
+    for path in files:
+        with open(path) as f:
+            opt = yaml.safe_load(f)
+        assert MODEL_REGISTRY.get(opt['model_type']) is not None
+        net = build_network(dict(opt['network_g']))
+        assert isinstance(net, SDFlow)
+        if 'network_d' in opt:
+            build_network(dict(opt['network_d']))
+        for key, value in (opt.get('train') or {}).items():
+            if key.endswith('_opt'):
+                build_loss(dict(value))
