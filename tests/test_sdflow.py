@@ -565,6 +565,18 @@ def test_training_option_errors_are_clear(tmp_path, unpaired_data):
     assert 'training needs the LR and degradation flows' in result.stdout + result.stderr
 
 
+def test_bf16_training_runs_and_keeps_float32_finite_weights(tmp_path, unpaired_data):
+    opt = sdflow_train_opt(unpaired_data, name='bf16', iters=4, precision='bf16', nonfinite='skip')
+    opt['logger']['print_freq'] = 2
+    run_train(tmp_path, write_yaml(tmp_path / 'bf16.yml', opt))
+    exp = tmp_path / 'experiments' / 'bf16'
+    log = read_log(exp)
+    assert 'bpd_hr' in log and 'End of training' in log
+    ckpt = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)['params']
+    assert all(v.dtype in (torch.float32, torch.uint8) for v in ckpt.values())
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.values())
+
+
 @pytest.mark.slow
 def test_sdflow_trains_distributed_on_cpu(tmp_path, unpaired_data):
     """Two gloo ranks: ActNorm initialised across ranks, one DDP forward per step, rank 0 validates."""
