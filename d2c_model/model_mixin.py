@@ -103,16 +103,27 @@ class PluginModelMixin:
             raise UserError(f'{type(self).__name__}: optim_g.type={optim_type!r} is not an optimizer in torch.optim.')
         return optim_cls(params, lr, **kwargs)
 
-    def backward_and_step(self, loss, optimizers):
-        """Backward pass and optimizer steps, through the GradScaler for fp16 training."""
+    def backward_and_step(self, loss, optimizers, clip_norm=0, params=None):
+        """Backward pass and optimizer steps, through the GradScaler for fp16 training.
+
+        With ``clip_norm`` > 0 the gradient norm of ``params`` is clipped to it before the steps
+        (on unscaled gradients under fp16).
+        """
         if self.grad_scaler is None:
             loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
         else:
             self.grad_scaler.scale(loss).backward()
-            for optimizer in optimizers:
+        if clip_norm:
+            if self.grad_scaler is not None:
+                for optimizer in optimizers:
+                    self.grad_scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        for optimizer in optimizers:
+            if self.grad_scaler is None:
+                optimizer.step()
+            else:
                 self.grad_scaler.step(optimizer)
+        if self.grad_scaler is not None:
             self.grad_scaler.update()
 
     def loss_is_finite(self, loss_dict, where):
@@ -165,12 +176,16 @@ class PluginModelMixin:
         logger.info(f'Loading {load_path} [{info["param_key"]}] into {type(bare).__name__}.')
 
     # ------------------------------------------------------------------------ saving
-    def save(self, epoch, current_iter):
-        """The model's save, refusing to write a network with NaN or inf weights."""
+    def check_finite_weights(self, current_iter):
+        """FloatingPointError if net_g (or net_g_ema) has NaN or inf weights: such a network is not saved."""
         for label, net in (('net_g', self.net_g), ('net_g_ema', getattr(self, 'net_g_ema', None))):
             if net is not None and not all(torch.isfinite(p).all() for p in self.get_bare_model(net).parameters()):
                 raise FloatingPointError(f'{label} has non-finite weights at iter {current_iter}; not saving it. '
                                          'The last checkpoint on disk is still valid for --auto_resume.')
+
+    def save(self, epoch, current_iter):
+        """The model's save, refusing to write a network with NaN or inf weights."""
+        self.check_finite_weights(current_iter)
         super().save(epoch, current_iter)
 
     @master_only

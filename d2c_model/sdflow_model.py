@@ -178,7 +178,7 @@ class SDFlowModel(PluginModelMixin, SRModel):
         if not self.loss_is_finite(loss_dict, f'iter {current_iter}'):
             return
         self.optimizer_g.zero_grad()
-        self._backward_clip_step(sum(loss_dict.values()), self.optimizer_g, self.net_g.parameters())
+        self.backward_and_step(sum(loss_dict.values()), [self.optimizer_g], self.grad_clip, self.net_g.parameters())
 
         if self.cri_gan is not None:
             for p in self.net_d.parameters():
@@ -203,27 +203,10 @@ class SDFlowModel(PluginModelMixin, SRModel):
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
-    def _backward_clip_step(self, loss, optimizer, params):
-        """Backward and step, clipping the gradient norm to ``train.grad_clip`` (flows need it early on)."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            if self.grad_clip:
-                self.grad_scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            self.grad_scaler.step(optimizer)
-            self.grad_scaler.update()
-            return
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        optimizer.step()
-
     # ------------------------------------------------------------------------ saving and resuming
     def save(self, epoch, current_iter):
-        for label, net in (('net_g', self.net_g), ('net_g_ema', getattr(self, 'net_g_ema', None))):
-            if net is not None and not all(torch.isfinite(p).all() for p in self.get_bare_model(net).parameters()):
-                raise FloatingPointError(f'{label} has non-finite weights at iter {current_iter}; not saving it. '
-                                         'The last checkpoint on disk is still valid for --auto_resume.')
+        """SRGANModel's save (net_g [+ ema], net_d, then the training state), refusing non-finite weights."""
+        self.check_finite_weights(current_iter)
         if hasattr(self, 'net_g_ema'):
             self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])
         else:
