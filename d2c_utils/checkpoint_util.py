@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, infer_options
+from d2c_arch.arch_util import accepted_options
 from d2c_arch.d2c_arch import state_dict_differences
 from .errors import UserError
 
@@ -163,6 +164,100 @@ def network_options(ckpt, opt_path, model_path, infer_missing=False, param_key=N
     if net_type != 'D2CNet':
         raise UserError(f'{source}: network_g type is {net_type!r}; only D2CNet models are supported here')
     return net_opt, source
+
+
+def dump_option_yaml(data):
+    """YAML text of an option dict in BasicSR's style (keys in insertion order, block style)."""
+    from basicsr.utils.options import ordered_yaml
+    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
+
+
+def test_option_dict(weights_path, model_type, scale, net_opt, dataset, **val_options):
+    """A BasicSR test option dict for converted weights: one data set, Y-PSNR/SSIM with ``scale`` pixels shaved.
+
+    ``val_options`` go into ``val`` before ``metrics`` (e.g. ``temperature=0.0``).
+    """
+    metric = {'crop_border': scale, 'test_y_channel': True}
+    return {
+        'name': f'{osp.splitext(osp.basename(weights_path))[0]}_test',
+        'model_type': model_type,
+        'scale': scale,
+        'num_gpu': 'auto',
+        'manual_seed': 0,
+        'datasets': {
+            'test_1': dataset
+        },
+        'network_g': dict(net_opt),
+        'path': {
+            'pretrain_network_g': weights_path,
+            'param_key_g': 'params',
+            'strict_load_g': True
+        },
+        'val': {
+            'save_img': True,
+            'suffix': None,
+            **val_options,
+            'metrics': {
+                'psnr': {
+                    'type': 'calculate_psnr',
+                    **metric
+                },
+                'ssim': {
+                    'type': 'calculate_ssim',
+                    **metric
+                },
+            },
+        },
+    }
+
+
+def load_arch_checkpoint(model_path, opt_path, param_key, device, arch, read_options, inferred_note, fixed=None):
+    """Build a network of class ``arch`` (DAN, SDFlow, ...) and load a checkpoint into it (weights only).
+
+    Args:
+        model_path (str): The checkpoint.
+        opt_path (str | None): Option file whose ``network_g`` is used; without it the options the
+            checkpoint carries, else ``read_options(state)``.
+        param_key (str | None): See :func:`select_state_dict`.
+        device (str | torch.device): Where the network goes.
+        arch (type): The network class.
+        read_options (callable): ``state -> network_g`` read from the weights; ValueError if it cannot.
+        inferred_note (str): The warning given when the options were read from the weights (what
+            they cannot tell and what was assumed).
+        fixed (dict | None): Constructor arguments set here whatever the options say.
+
+    Returns:
+        tuple[nn.Module, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
+        ``net_opt``, ``warnings`` (as :func:`load_model`).
+    """
+    ckpt = load_checkpoint(model_path)
+    state, key = select_state_dict(ckpt, model_path, param_key)
+    warnings = []
+    if opt_path:
+        net_opt, source = read_option_file(opt_path), opt_path
+    elif carried_options(ckpt):
+        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
+    else:
+        try:
+            net_opt = read_options(state)
+        except ValueError as err:
+            raise UserError(f'{model_path}: {err}') from None
+        source = f'{model_path} (shape inferred from the keys)'
+        warnings.append(inferred_note)
+    kwargs = dict({k: v for k, v in net_opt.items() if k != 'type'}, **(fixed or {}))
+    unknown = sorted(set(kwargs) - set(accepted_options(arch)))
+    if unknown:
+        raise UserError(f'{source}: network_g has options {arch.__name__} does not know: {unknown}')
+    try:
+        net = arch(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f'{source}: network_g is not valid: {err}') from None
+    problem = mismatch_message(net, state, net_opt, source, f'checkpoint {model_path}' + (f' [{key}]' if key else ''),
+                               'pass the option file this checkpoint was trained with (--opt)')
+    if problem:
+        raise UserError(problem)
+    net.load_state_dict(state, strict=True)
+    return net.eval().to(device), {'param_key': key, 'opt_source': source, 'net_opt': net_opt, 'warnings': warnings}
 
 
 def _inferred(state):

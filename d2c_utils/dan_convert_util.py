@@ -40,7 +40,14 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_dan_options
-from .checkpoint_util import atomic_write, atomic_write_text, file_sha256, load_checkpoint
+from .checkpoint_util import (
+    atomic_write,
+    atomic_write_text,
+    dump_option_yaml,
+    file_sha256,
+    load_checkpoint,
+    test_option_dict,
+)
 from .errors import UserError
 
 PROG = 'd2c-convert-dan'
@@ -364,13 +371,6 @@ def layout_text(net_opt):
 # ----------------------------------------------------------------------------------------------
 # Files and the command line
 # ----------------------------------------------------------------------------------------------
-def _dump_yaml(data):
-    import yaml
-
-    from basicsr.utils.options import ordered_yaml
-    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
-
-
 def option_file_text(net_opt, weights_path):
     """A small BasicSR test option file for the converted weights (DANModel, a placeholder data set).
 
@@ -395,42 +395,12 @@ def option_file_text(net_opt, weights_path):
             'type': 'disk'
         },
     }
-    metric = {'crop_border': scale, 'test_y_channel': True}
-    opt = {
-        'name': f'{os.path.splitext(os.path.basename(weights_path))[0]}_test',
-        'model_type': 'DANModel',
-        'scale': scale,
-        'num_gpu': 'auto',
-        'manual_seed': 0,
-        'datasets': {
-            'test_1': dataset
-        },
-        'network_g': dict(net_opt),
-        'path': {
-            'pretrain_network_g': weights_path,
-            'param_key_g': 'params',
-            'strict_load_g': True
-        },
-        'val': {
-            'save_img': True,
-            'suffix': None,
-            'metrics': {
-                'psnr': {
-                    'type': 'calculate_psnr',
-                    **metric
-                },
-                'ssim': {
-                    'type': 'calculate_ssim',
-                    **metric
-                },
-            },
-        },
-    }
+    opt = test_option_dict(weights_path, 'DANModel', scale, net_opt, dataset)
     header = (f'# Made by {PROG}: test the converted official DANv2 weights ({layout_text(net_opt)}).\n'
               '#   d2c-test -opt <this file>\n'
               f'# datasets.test_1 is a placeholder; make it with: python {how}\n'
               '# PSNR / SSIM on Y with `scale` pixels shaved, as the DAN papers report.\n')
-    return header + _dump_yaml(opt)
+    return header + dump_option_yaml(opt)
 
 
 def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEFAULT_LOOP, force=False):
@@ -483,7 +453,7 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
                      f'buffer; missing: {", ".join(notes["missing_buffers"])})')
     lines.extend(f'warning: {w}' for w in notes['warnings'])
 
-    snippet = _dump_yaml({'network_g': OrderedDict(net_opt)})
+    snippet = dump_option_yaml({'network_g': OrderedDict(net_opt)})
     opt_text = option_file_text(net_opt, output) if opt_out else None
     result = {
         'params': state_dict,

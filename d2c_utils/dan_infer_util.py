@@ -11,8 +11,7 @@ import yaml
 from torch import nn as nn
 
 from d2c_arch import DAN, infer_dan_options
-from d2c_arch.arch_util import accepted_options
-from .checkpoint_util import carried_options, load_checkpoint, mismatch_message, select_state_dict
+from .checkpoint_util import load_arch_checkpoint, load_checkpoint
 from .errors import UserError
 
 DAN_KEY = 'restorer.image_head.weight'
@@ -49,37 +48,17 @@ def load_dan(model_path, opt_path=None, param_key=None, device='cpu'):
         tuple[DAN, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
         ``net_opt``, ``warnings`` (as :func:`d2c_utils.checkpoint_util.load_model`).
     """
-    ckpt = load_checkpoint(model_path)
-    state, key = select_state_dict(ckpt, model_path, param_key)
-    warnings = []
-    if opt_path:
-        with open(opt_path, encoding='utf-8') as f:
-            net_opt, source = dict(yaml.safe_load(f)['network_g']), opt_path
-    elif carried_options(ckpt):
-        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
-    else:
-        try:
-            net_opt = dict(infer_dan_options(state), **DAN_ASSUMED)
-        except ValueError as err:
-            raise UserError(f'{model_path}: {err}') from None
-        source = f'{model_path} (shape inferred from the keys)'
-        warnings.append(f'no options: loop={DAN_ASSUMED["loop"]} and group_skip={DAN_ASSUMED["group_skip"]} assumed '
-                        '(the weights cannot tell them); pass --opt <the training option file> if they differ')
-    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
-    kwargs['pca_matrix'] = None  # the checkpoint's buffer is loaded below; no need for the PCA file here
-    unknown = sorted(set(kwargs) - set(accepted_options(DAN)))
-    if unknown:
-        raise UserError(f'{source}: network_g has options DAN does not know: {unknown}')
-    try:
-        net = DAN(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f'{source}: network_g is not valid: {err}') from None
-    problem = mismatch_message(net, state, net_opt, source, f'checkpoint {model_path}' + (f' [{key}]' if key else ''),
-                               'pass the option file this checkpoint was trained with (--opt)')
-    if problem:
-        raise UserError(problem)
-    net.load_state_dict(state, strict=True)
-    return net.eval().to(device), {'param_key': key, 'opt_source': source, 'net_opt': net_opt, 'warnings': warnings}
+    return load_arch_checkpoint(
+        model_path,
+        opt_path,
+        param_key,
+        device,
+        DAN,
+        lambda state: dict(infer_dan_options(state), **DAN_ASSUMED),
+        f'no options: loop={DAN_ASSUMED["loop"]} and group_skip={DAN_ASSUMED["group_skip"]} assumed (the weights '
+        'cannot tell them); pass --opt <the training option file> if they differ',
+        # the checkpoint's buffer is loaded; no need for the PCA file here
+        fixed={'pca_matrix': None})
 
 
 def central_crop(lq, size):

@@ -56,7 +56,7 @@ import numpy as np
 
 from d2c_arch import default_options
 from d2c_arch.upsample_util import upsampler_scale
-from .checkpoint_util import atomic_write, atomic_write_text, file_sha256
+from .checkpoint_util import atomic_write, atomic_write_text, dump_option_yaml, file_sha256
 from .errors import UserError
 
 PROG = 'd2c-convert-official'
@@ -603,13 +603,6 @@ def _layout_text(layout):
 # ----------------------------------------------------------------------------------------------
 # Files and the command line
 # ----------------------------------------------------------------------------------------------
-def _dump_yaml(data):
-    import yaml
-
-    from basicsr.utils.options import ordered_yaml
-    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
-
-
 def _test_options_from_template(template, net_opt, weights_path, channel_order):
     """A template test option file with network_g, the weights and the name replaced."""
     import yaml
@@ -632,7 +625,7 @@ def _test_options_from_template(template, net_opt, weights_path, channel_order):
     opt['path']['strict_load_g'] = True
     header = (f'# Made by {PROG} from {template}: the authors\' released weights, converted\n'
               f'# ({channel_order.upper()} channel order; network_g.rgb_mean must stay as written here).\n')
-    return header + _dump_yaml(opt)
+    return header + dump_option_yaml(opt)
 
 
 def convert_checkpoint_file(checkpoint,
@@ -696,7 +689,7 @@ def convert_checkpoint_file(checkpoint,
                      '(head input, output convs, convergence input, rgb_mean)')
 
     # everything that can fail is done before the first file is written
-    snippet = _dump_yaml({'network_g': OrderedDict(net_opt)})
+    snippet = dump_option_yaml({'network_g': OrderedDict(net_opt)})
     opt_text = None
     if opt_out:
         if template:

@@ -61,7 +61,14 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_sdflow_options
-from .checkpoint_util import atomic_write, atomic_write_text, file_sha256, load_checkpoint
+from .checkpoint_util import (
+    atomic_write,
+    atomic_write_text,
+    dump_option_yaml,
+    file_sha256,
+    load_checkpoint,
+    test_option_dict,
+)
 from .errors import UserError
 
 PROG = 'd2c-convert-sdflow'
@@ -501,61 +508,24 @@ def layout_text(net_opt):
 # ----------------------------------------------------------------------------------------------
 # Files and the command line
 # ----------------------------------------------------------------------------------------------
-def _dump_yaml(data):
-    import yaml
-
-    from basicsr.utils.options import ordered_yaml
-    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
-
-
 def option_file_text(net_opt, weights_path):
     """A small BasicSR test option file for the converted weights (SDFlowModel, a placeholder data set)."""
-    metric = {'crop_border': 4, 'test_y_channel': True}
-    opt = {
-        'name': f'{os.path.splitext(os.path.basename(weights_path))[0]}_test',
-        'model_type': 'SDFlowModel',
-        'scale': 4,
-        'num_gpu': 'auto',
-        'manual_seed': 0,
-        'datasets': {
-            'test_1': {
-                'name': 'RealSR_x4_test',
-                'type': 'PairedImageDataset',
-                'dataroot_gt': 'datasets/RealSR_x4/test/HR',
-                'dataroot_lq': 'datasets/RealSR_x4/test/LR',
-                'io_backend': {
-                    'type': 'disk'
-                },
-            }
-        },
-        'network_g': dict(net_opt),
-        'path': {
-            'pretrain_network_g': weights_path,
-            'param_key_g': 'params',
-            'strict_load_g': True
-        },
-        'val': {
-            'save_img': True,
-            'suffix': None,
-            'temperature': 0.0,
-            'metrics': {
-                'psnr': {
-                    'type': 'calculate_psnr',
-                    **metric
-                },
-                'ssim': {
-                    'type': 'calculate_ssim',
-                    **metric
-                },
-            },
+    dataset = {
+        'name': 'RealSR_x4_test',
+        'type': 'PairedImageDataset',
+        'dataroot_gt': 'datasets/RealSR_x4/test/HR',
+        'dataroot_lq': 'datasets/RealSR_x4/test/LR',
+        'io_backend': {
+            'type': 'disk'
         },
     }
+    opt = test_option_dict(weights_path, 'SDFlowModel', 4, net_opt, dataset, temperature=0.0)
     header = (f'# Made by {PROG}: test the converted official SDFlow weights ({layout_text(net_opt)}).\n'
               '#   d2c-test -opt <this file>\n'
               '# datasets.test_1 is a placeholder (scripts/prepare_data.py --preset realsr makes it); any folder\n'
               '# pair of LR and x4 HR images works. val.temperature 0 gives the deterministic SR (the official\n'
               '# sdflow_sr.py samples at --tau 0.8: set 0.8 for its outputs). PSNR / SSIM on Y, 4 pixels shaved.\n')
-    return header + _dump_yaml(opt)
+    return header + dump_option_yaml(opt)
 
 
 def _parameter_counts(net):
@@ -664,5 +634,5 @@ def convert_files(hrnet, lrencoder, output, contentnet=None, degnet=None, opt_ou
     if opt_out:
         lines.append(f'wrote {opt_out} (a test option file; its data set is a placeholder)')
     lines.append('the converted weights need these options:')
-    lines.append(_dump_yaml({'network_g': OrderedDict(net_opt)}).rstrip('\n'))
+    lines.append(dump_option_yaml({'network_g': OrderedDict(net_opt)}).rstrip('\n'))
     return lines

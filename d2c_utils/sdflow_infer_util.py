@@ -13,15 +13,13 @@ from os import path as osp
 
 import numpy as np
 import torch
-import yaml
 from torch import nn as nn
 from tqdm import tqdm
 
 from d2c_arch import SDFlow, infer_sdflow_options
-from d2c_arch.arch_util import accepted_options
 from d2c_arch.sdflow_arch import NOT_INFERABLE
-from .checkpoint_util import carried_options, load_checkpoint, mismatch_message, select_state_dict
-from .errors import ImageError, UserError
+from .checkpoint_util import load_arch_checkpoint
+from .errors import ImageError
 from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
 from .precision_util import autocast
 from .tile_util import super_resolve
@@ -39,33 +37,10 @@ def load_sdflow(model_path, opt_path=None, param_key=None, device='cpu'):
         tuple[SDFlow, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
         ``net_opt``, ``warnings``.
     """
-    ckpt = load_checkpoint(model_path)
-    state, key = select_state_dict(ckpt, model_path, param_key)
-    warnings = []
-    if opt_path:
-        with open(opt_path, encoding='utf-8') as f:
-            net_opt, source = dict(yaml.safe_load(f)['network_g']), opt_path
-    elif carried_options(ckpt):
-        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
-    else:
-        try:
-            net_opt = infer_sdflow_options(state)
-        except ValueError as err:
-            raise UserError(f'{model_path}: {err}') from None
-        source = f'{model_path} (shape inferred from the keys)'
-        warnings.append(f'no options: {", ".join(NOT_INFERABLE)} keep their defaults (temperature 0.8, element-wise '
-                        'mixture sampling); --temperature sets the first')
-    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
-    unknown = sorted(set(kwargs) - set(accepted_options(SDFlow)))
-    if unknown:
-        raise UserError(f'{source}: network_g has options SDFlow does not know: {unknown}')
-    net = SDFlow(**kwargs)
-    problem = mismatch_message(net, state, net_opt, source, f'checkpoint {model_path}' + (f' [{key}]' if key else ''),
-                               'pass the option file this checkpoint was trained with (--opt)')
-    if problem:
-        raise UserError(problem)
-    net.load_state_dict(state, strict=True)
-    return net.eval().to(device), {'param_key': key, 'opt_source': source, 'net_opt': net_opt, 'warnings': warnings}
+    return load_arch_checkpoint(
+        model_path, opt_path, param_key, device, SDFlow, infer_sdflow_options,
+        f'no options: {", ".join(NOT_INFERABLE)} keep their defaults (temperature 0.8, element-wise mixture '
+        'sampling); --temperature sets the first')
 
 
 class SampledSR(nn.Module):
