@@ -187,26 +187,26 @@ def warn(message):
     tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr)
 
 
-def dan_backend(args):
-    """DAN runs on PyTorch (d2c-export covers D2CNet); refuse the others, and branch pictures."""
-    if args.backend not in ('auto', 'torch'):
-        raise UserError(f'--backend {args.backend}: DAN checkpoints run with --backend torch (or auto); d2c-export '
-                        'exports D2CNet models')
-    if args.save_branches or args.save_weights:
-        raise UserError('DAN has no branches or weight maps: drop --save-branches / --save-weights (--save-kernel '
-                        'writes its kernel estimate)')
-    return 'torch', 'requested' if args.backend == 'torch' else 'auto: DAN runs on PyTorch'
+# flags that DAN and SDFlow checkpoints refuse, and what to do instead
+TORCH_ONLY_REFUSALS = {
+    'DAN': (('save_branches', 'save_weights'),
+            'DAN has no branches or weight maps: drop --save-branches / --save-weights (--save-kernel writes its '
+            'kernel estimate)'),
+    'SDFlow': (('save_branches', 'save_weights', 'reference', 'outscale'),
+               'SDFlow writes samples: drop --save-branches / --save-weights / --reference / --outscale '
+               '(--samples N writes N samples with their mean and spread)'),
+}
 
 
-def sdflow_backend(args):
-    """SDFlow runs on PyTorch, writes SR (or LR) samples, and has no branches or reference metrics."""
+def torch_only_backend(args, kind):
+    """DAN and SDFlow run on PyTorch (d2c-export covers D2CNet); refuse the other backends and their misfit flags."""
     if args.backend not in ('auto', 'torch'):
-        raise UserError(f'--backend {args.backend}: SDFlow checkpoints run with --backend torch (or auto); d2c-export '
+        raise UserError(f'--backend {args.backend}: {kind} checkpoints run with --backend torch (or auto); d2c-export '
                         'exports D2CNet models')
-    if args.save_branches or args.save_weights or args.reference or args.outscale:
-        raise UserError('SDFlow writes samples: drop --save-branches / --save-weights / --reference / --outscale '
-                        '(--samples N writes N samples with their mean and spread)')
-    return 'torch', 'requested' if args.backend == 'torch' else 'auto: SDFlow runs on PyTorch'
+    flags, message = TORCH_ONLY_REFUSALS[kind]
+    if any(getattr(args, flag) for flag in flags):
+        raise UserError(message)
+    return 'torch', 'requested' if args.backend == 'torch' else f'auto: {kind} runs on PyTorch'
 
 
 def open_model(args, backend, device, kind='D2CNet'):
@@ -267,10 +267,8 @@ def main(argv=None):
         elif args.fp16:
             args.precision = 'fp16'
         kind = model_type(args.model, args.opt)
-        if kind == 'DAN':
-            backend, why = dan_backend(args)
-        elif kind == 'SDFlow':
-            backend, why = sdflow_backend(args)
+        if kind in TORCH_ONLY_REFUSALS:
+            backend, why = torch_only_backend(args, kind)
         else:
             if args.downscale or args.samples > 1 or args.temperature is not None:
                 raise UserError(f'--downscale, --samples and --temperature are for SDFlow checkpoints; {args.model} '
