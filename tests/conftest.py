@@ -130,6 +130,24 @@ def write_yaml(path, opt):
     return str(path)
 
 
+def run_train(cwd, yml, *extra, expect=0):
+    """``python -m d2c_tools.train -opt yml`` in ``cwd``; asserts the exit status, returns the result."""
+    import subprocess
+    result = subprocess.run([sys.executable, '-m', 'd2c_tools.train', '-opt', yml, *extra],
+                            cwd=str(cwd),
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def read_log(exp_dir):
+    """The text of the newest ``train_*.log`` of an experiment folder."""
+    logs = sorted(f for f in os.listdir(exp_dir) if f.startswith('train_') and f.endswith('.log'))
+    return open(os.path.join(exp_dir, logs[-1])).read()
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     """``tmp_path/data/{train,val}/{HR,LR}`` with 4 pairs each (HR 32x32, x4)."""

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, write_yaml
+from conftest import make_pairs, run_train, write_yaml
 from torch.nn import functional as F
 
 from basicsr.utils.img_process_util import filter2D
@@ -315,16 +315,6 @@ def dan_data(tmp_path):
     pca = str(tmp_path / 'pca.pth')
     torch.save({'pca_matrix': kernel_util.pca_matrix(kernels, 6)[0]}, pca)
     return root, pca
-
-
-def run_train(tmp_path, yml, *extra, expect=0):
-    result = subprocess.run([sys.executable, '-m', 'd2c_tools.train', '-opt', yml, *extra],
-                            cwd=str(tmp_path),
-                            capture_output=True,
-                            text=True,
-                            timeout=300)
-    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 def test_dan_model_trains_validates_and_resumes(tmp_path, dan_data):

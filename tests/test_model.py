@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_opt, write_yaml
+from conftest import read_log, tiny_train_opt, write_yaml
 
 from basicsr.models import build_model
 from d2c_arch import is_convergence_key
@@ -141,11 +141,6 @@ def train(tmp_path, yml, *extra):
                             timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
-
-
-def read_log(exp_dir):
-    logs = sorted(f for f in os.listdir(exp_dir) if f.startswith('train_') and f.endswith('.log'))
-    return open(os.path.join(exp_dir, logs[-1])).read()
 
 
 def iter_table(log_text):

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, write_yaml
+from conftest import make_pairs, read_log, run_train, write_yaml
 
 from d2c_arch import SDFlow, infer_sdflow_options
 from d2c_arch import flow_util as fu
@@ -493,20 +493,6 @@ def unpaired_data(tmp_path):
     make_pairs(os.path.join(root, 'hr_src'), num=4, hr_size=64, seed=1)
     make_pairs(os.path.join(root, 'val'), num=2, hr_size=32, seed=2)
     return root
-
-
-def run_train(tmp_path, yml, *extra, expect=0):
-    result = subprocess.run([sys.executable, '-m', 'd2c_tools.train', '-opt', yml, *extra],
-                            cwd=str(tmp_path),
-                            capture_output=True,
-                            text=True,
-                            timeout=300)
-    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def read_log(exp):
-    return open(next(str(exp / f) for f in sorted(os.listdir(exp)) if f.endswith('.log'))).read()
 
 
 def test_tiny_unpaired_training_lowers_the_nll_validates_and_resumes(tmp_path, unpaired_data):
