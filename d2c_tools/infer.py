@@ -18,8 +18,10 @@ Y-PSNR/SSIM against ground truth. Gray, RGB, RGBA and 16-bit images come out in 
 
 Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses pickled Python objects (that could run code) and loads only tensors and plain
-containers. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2 usage,
-model or option errors (one line naming the file and what to do).
+containers. Outputs are written whole or not at all (a temporary file renamed into place), never
+over an input of the run; an input folder that is also the output folder skips the outputs of
+earlier runs. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2 usage,
+model or option errors, or a full disk (one line naming the file and what to do); 130 Ctrl-C.
 """
 import argparse
 import os
@@ -30,9 +32,17 @@ from tqdm import tqdm
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_utils.checkpoint_util import load_model
 from d2c_utils.dan_infer_util import load_dan, model_type
-from d2c_utils.errors import ImageError, UserError, report_user_error
-from d2c_utils.img_util import list_inputs
-from d2c_utils.infer_util import OutputOptions, process_image, select_device, select_precision, write_metrics
+from d2c_utils.errors import ImageError, UserError, command_line_tool, report_user_error
+from d2c_utils.img_util import DEFAULT_MAX_PIXELS, list_inputs
+from d2c_utils.infer_util import (
+    OutputOptions,
+    earlier_outputs,
+    nonfinite_weights,
+    process_image,
+    select_device,
+    select_precision,
+    write_metrics,
+)
 from d2c_utils.precision_util import precision_name
 from d2c_utils.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
 from d2c_utils.sdflow_infer_util import load_sdflow, process_sdflow_image
@@ -167,9 +177,15 @@ def parse_args(argv):
         default=None,
         help='ground-truth folder (same file names): print Y-PSNR/SSIM of bicubic, each branch, '
         'fused and the oracle fusion and write <output>/metrics.csv')
+    io.add_argument(
+        '--max-pixels',
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help='inputs whose header claims more pixels are skipped before decoding (damaged files, decompression '
+        'bombs); 0 = no limit (default: %(default)s = 16384 x 16384)')
     parser.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
-    for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size', 'kernel_crop'):
+    for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size', 'kernel_crop', 'max_pixels'):
         if getattr(args, name) < 0:
             parser.error(f'--{name.replace("_", "-")} must be >= 0')
     if args.samples < 1:
@@ -255,8 +271,26 @@ def runtime_precision(precision, model, device):
     return select_precision(precision, device, warn)
 
 
+def select_inputs(args):
+    """The input files; refuse a run whose every output would replace its input, drop earlier runs' outputs."""
+    inputs = list_inputs(args.input)
+    in_folder = args.input if os.path.isdir(args.input) else os.path.dirname(args.input) or '.'
+    if os.path.isdir(args.output) and os.path.samefile(in_folder, args.output):
+        if not args.suffix and args.samples == 1:
+            raise UserError(f'-o {args.output} is the input folder and --suffix is empty: every output would replace '
+                            'its input; pass another -o or a --suffix')
+        if os.path.isdir(args.input):
+            skipped = earlier_outputs(inputs, args.suffix)
+            if skipped:
+                warn(f'{len(skipped)} file(s) of {args.input} are outputs of an earlier run and are not '
+                     f'processed again ({os.path.basename(skipped[0])}, ...)')
+                inputs = [p for p in inputs if p not in set(skipped)]
+    return inputs
+
+
+@command_line_tool(PROG)
 def main(argv=None):
-    """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors)."""
+    """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors, 130 Ctrl-C)."""
     args = parse_args(argv)
     try:
         # OpenVINO runs on the CPU: 'auto' must not pick a CUDA device for it
@@ -274,8 +308,12 @@ def main(argv=None):
                 raise UserError(f'--downscale, --samples and --temperature are for SDFlow checkpoints; {args.model} '
                                 f'holds a {kind}')
             backend, why = select_backend(args.backend, args.model, device)
-        inputs = list_inputs(args.input)
+        inputs = select_inputs(args)
         net, info, dtype = open_model(args, backend, device, kind)
+        broken = nonfinite_weights(net)
+        if broken:
+            raise UserError(f'{args.model}: the weights hold NaN/inf values ({broken}); the checkpoint is broken '
+                            '(training diverged?): use an earlier checkpoint')
         try:
             os.makedirs(args.output, exist_ok=True)
         except OSError as err:
@@ -304,15 +342,18 @@ def main(argv=None):
             '(8-bit rounding of slightly different outputs); use --precision fp32 for numbers you report',
             file=sys.stderr)
     forward = GuardedForward(dtype, args.channels_last, warn=warn)
-    options = OutputOptions.from_namespace(args)
+    options = OutputOptions.from_namespace(args, inputs)
 
     failed, rows = [], []
-    for path in tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr):
+    for index, path in enumerate(tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr)):
         try:
             if kind == 'SDFlow':
                 metrics = process_sdflow_image(path, net, options, device, forward, PROG)
             else:
                 metrics = process_image(path, net, options, device, forward, PROG)
+        except UserError as err:  # a full disk: the next images would fail the same way
+            print(f'{index - len(failed)} of {len(inputs)} image(s) written to {args.output} before', file=sys.stderr)
+            return report_user_error(PROG, err)
         except (ImageError, OSError) as err:  # OSError: e.g. the output folder became unwritable
             failed.append(path)
             tqdm.write(f'{PROG}: skipped {path}: {err}', file=sys.stderr)

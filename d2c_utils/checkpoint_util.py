@@ -7,10 +7,8 @@ Model files are untrusted input: they are read with ``torch.load(weights_only=Tr
 refuses pickled Python objects (that could run code) and loads only tensors and plain containers.
 """
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from os import path as osp
 
 import torch
@@ -20,6 +18,7 @@ from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, infer_o
 from d2c_arch.arch_util import accepted_options
 from d2c_arch.d2c_arch import state_dict_differences
 from .errors import UserError
+from .output_util import atomic_write  # noqa: F401  (the one writer; kept importable from here)
 
 KEYS_PER_PART = 3  # keys listed per part of the network in a mismatch message
 
@@ -426,31 +425,6 @@ def load_model(model_path, opt_path=None, param_key=None, device='cpu', infer_mi
         'net_opt': net_opt,
         'warnings': info['warnings']
     }
-
-
-def atomic_write(path, write):
-    """Write through a temporary file in the same folder, so a failed run leaves no partial file.
-
-    Args:
-        path (str): The file to write.
-        write (callable): ``write(temporary_path)`` writes the whole file there; it is renamed to
-            ``path`` only when ``write`` returns.
-    """
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600; give it the permissions a plain open() would (umask applied)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def atomic_write_text(path, text):

@@ -1,4 +1,5 @@
 """The exception types every d2c-sr tool reports the same way."""
+import functools
 import sys
 
 
@@ -31,3 +32,43 @@ def report_user_error(prog, err, stream=None):
     """Print ``err`` as ``<prog>: error: <message>`` on stderr and return the exit status 2."""
     print(f'{prog}: error: {err}', file=stream or sys.stderr)
     return USER_ERROR_STATUS
+
+
+INTERRUPTED_STATUS = 130  # what a shell reports for a process ended by SIGINT (128 + 2)
+
+
+def report_interrupt(prog, stream=None):
+    """Print the one line of a Ctrl-C and return the exit status 130."""
+    print(
+        f'\n{prog}: interrupted (Ctrl-C); every file written is complete, nothing was left half-written',
+        file=stream or sys.stderr)
+    return INTERRUPTED_STATUS
+
+
+def command_line_tool(prog):
+    """Decorate a tool's ``main(argv=None)``: Ctrl-C, user errors and a full disk end in one line.
+
+    ``KeyboardInterrupt`` -> status 130; :class:`UserError` (and an ``OSError`` saying the disk
+    is full) -> ``<prog>: error: ...`` and status 2. Everything the tools write goes through
+    :func:`d2c_utils.output_util.atomic_write`, so an interrupted run leaves whole files only.
+    """
+
+    def decorate(main):
+
+        @functools.wraps(main)
+        def run(argv=None):
+            from .output_util import disk_full_error, is_disk_full  # noqa: PLC0415  (errors imports nothing)
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                return report_interrupt(prog)
+            except UserError as err:
+                return report_user_error(prog, err)
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
+                return report_user_error(prog, disk_full_error(getattr(err, 'filename', None) or '.'))
+
+        return run
+
+    return decorate

@@ -5,8 +5,10 @@ or 16 bit), optionally every branch, the weight maps and a grid picture, and Y-P
 a reference image.
 """
 import csv
+import io
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import path as osp
 
 import cv2
@@ -20,12 +22,13 @@ d2c_compat.apply()
 
 from basicsr.utils import tensor2img  # noqa: E402
 from d2c_arch import DAN  # noqa: E402
-from .checkpoint_util import atomic_write  # noqa: E402
 from .dan_infer_util import FixedKernelRestorer, estimate_kernel  # noqa: E402
 from .errors import ImageError, UserError  # noqa: E402
 from .eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
+from .img_util import DEFAULT_MAX_PIXELS as MAX_PIXELS  # noqa: E402
 from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image  # noqa: E402
 from .kernel_util import kernel_picture  # noqa: E402
+from .output_util import atomic_write_bytes  # noqa: E402
 from .precision_util import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from .tile_util import super_resolve  # noqa: E402
 from .visual_util import labelled_grid, weight_heatmap  # noqa: E402
@@ -48,6 +51,8 @@ class OutputOptions:
         kernel_crop (int): DAN: side of the central LR window the kernel is estimated on (0: all).
         save_kernel (bool): DAN: also write the estimated kernel (``_kernel.png``, ``_kernel.npy``).
         samples, temperature, seed, downscale: SDFlow (see :mod:`d2c_utils.sdflow_infer_util`).
+        max_pixels (int): Larger inputs (by their header) are skipped before decoding; 0: no limit.
+        inputs (frozenset[str]): The run's input files (real paths): never written (see :meth:`target`).
     """
     output: str
     suffix: str = 'out'
@@ -66,11 +71,45 @@ class OutputOptions:
     temperature: float = None
     seed: int = 0
     downscale: bool = False
+    max_pixels: int = MAX_PIXELS
+    inputs: frozenset = frozenset()
+    # real output path -> the input it was written for, in this run
+    claimed: dict = field(default_factory=dict)
 
     @classmethod
-    def from_namespace(cls, args):
-        """The options from parsed command-line arguments with the same names."""
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+    def from_namespace(cls, args, inputs=()):
+        """The options from parsed command-line arguments with the same names, for the run's ``inputs``."""
+        known = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        return cls(**known, inputs=frozenset(osp.realpath(p) for p in inputs))
+
+    def target(self, name, source):
+        """The path of output ``name`` written for input ``source``, refused if it is an input or already written.
+
+        Raises:
+            ImageError: the output would replace an input of this run, or the output of another
+                input of this run (``x.png`` and ``x.jpg`` with ``--ext png``).
+        """
+        path = osp.join(self.output, name)
+        real = osp.realpath(path)
+        if real in self.inputs:
+            raise ImageError(f'its output {path} is an input of this run and would be replaced; choose another -o or '
+                             '--suffix')
+        earlier = self.claimed.setdefault(real, source)
+        if earlier != source:
+            raise ImageError(f'its output {path} was already written for {earlier} in this run; pass --ext auto or '
+                             'rename one of the inputs')
+        return path
+
+
+def nonfinite_weights(net):
+    """Names of the first floating-point tensors of ``net`` that hold NaN/inf (''; '' for exported models)."""
+    if not isinstance(net, torch.nn.Module):
+        return ''
+    names = [
+        name for name, tensor in net.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
 
 
 def select_device(name):
@@ -161,7 +200,7 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
     Raises:
         ImageError: the input cannot be used (the caller skips it).
     """
-    img = read_image(path)
+    img = read_image(path, options.max_pixels)
     kind, max_value = image_kind(img)
     lq, alpha = split_input(img)
     scale = net.upscale
@@ -196,19 +235,21 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
         tqdm.write(f'{prog}: note: {osp.basename(path)}: {note}', file=sys.stderr)
     stem = osp.splitext(osp.basename(path))[0]
     name = f'{stem}_{options.suffix}' if options.suffix else stem
-    write_image(osp.join(options.output, f'{name}.{ext}'), compose_output(to_bgr(sr), kind, max_value, alpha, size))
+    write_image(options.target(f'{name}.{ext}', path), compose_output(to_bgr(sr), kind, max_value, alpha, size))
     if options.save_branches:
         for i in range(branches.size(1)):
             out = compose_output(to_bgr(branches[:, i]), kind, max_value, alpha, size)
-            write_image(osp.join(options.output, f'{stem}_branch{i + 1}.{ext}'), out)
+            write_image(options.target(f'{stem}_branch{i + 1}.{ext}', path), out)
     if kernel is not None and options.save_kernel:
         kernel = kernel.cpu().numpy()
-        write_image(osp.join(options.output, f'{stem}_kernel.png'), kernel_picture(kernel))
-        atomic_write(osp.join(options.output, f'{stem}_kernel.npy'), lambda tmp: np.save(open(tmp, 'wb'), kernel))
+        write_image(options.target(f'{stem}_kernel.png', path), kernel_picture(kernel))
+        buffer = io.BytesIO()
+        np.save(buffer, kernel)
+        atomic_write_bytes(options.target(f'{stem}_kernel.npy', path), buffer.getvalue())
     if options.save_weights:
         for i, weight in enumerate(weights[0].numpy()):
-            write_image(osp.join(options.output, f'{stem}_weight{i + 1}.png'), weight_heatmap(weight))
-        write_grid(osp.join(options.output, f'{stem}_grid.png'), lq, branches, weights, sr, scale, options.grid_size)
+            write_image(options.target(f'{stem}_weight{i + 1}.png', path), weight_heatmap(weight))
+        write_grid(options.target(f'{stem}_grid.png', path), lq, branches, weights, sr, scale, options.grid_size)
     if ref_path is None:
         return None
     try:
@@ -227,14 +268,36 @@ def write_metrics(out_dir, rows):
     methods = list(rows[0][1])
     means = {m: tuple(float(np.mean([r[m][j] for _, r in rows])) for j in range(2)) for m in methods}
     csv_path = osp.join(out_dir, 'metrics.csv')
-    with open(csv_path, 'w', newline='', encoding='utf-8') as f:
-        writer = csv.writer(f)
-        writer.writerow(['image'] + [f'{m}_{k}' for m in methods for k in ('psnr_y', 'ssim_y')])
-        for name, row in rows + [('mean', means)]:
-            writer.writerow([name] + [f'{row[m][j]:.4f}' for m in methods for j in range(2)])
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(['image'] + [f'{m}_{k}' for m in methods for k in ('psnr_y', 'ssim_y')])
+    for name, row in rows + [('mean', means)]:
+        writer.writerow([name] + [f'{row[m][j]:.4f}' for m in methods for j in range(2)])
+    atomic_write_bytes(csv_path, text.getvalue().encode('utf-8'))
     width = max(12, max(len(name) for name, _ in rows) + 1)
     print(f'\nY-channel PSNR (dB) / SSIM, BasicSR, border of `scale` pixels shaved ({len(rows)} image(s)):')
     print(f'{"image":{width}s}' + ''.join(f'{m:>16s}' for m in methods))
     for name, row in rows + [('mean', means)]:
         print(f'{name:{width}s}' + ''.join(f'{row[m][0]:.2f}/{row[m][1]:.4f}'.rjust(16) for m in methods))
     print(f'Metrics written to {csv_path}')
+
+
+# what d2c-infer appends to an input's name: --suffix, and the extra outputs of every model kind
+_OUTPUT_TAGS = r'(?:branch\d+|weight\d+|grid|kernel|sample\d+|lr\d+|mean|spread)'
+
+
+def earlier_outputs(inputs, suffix):
+    """The files among ``inputs`` that d2c-infer wrote for another of them (``<stem>_<suffix or tag>.<ext>``).
+
+    A re-run with the output folder as input folder must not super-resolve its own outputs
+    (``photo_out_out.png``).
+    """
+    stems = {osp.splitext(osp.basename(p))[0] for p in inputs}
+    tags = _OUTPUT_TAGS if not suffix else f'(?:{re.escape(suffix)}|{_OUTPUT_TAGS})'
+    pattern = re.compile(rf'(.+)_{tags}')
+    found = []
+    for path in inputs:
+        match = pattern.fullmatch(osp.splitext(osp.basename(path))[0])
+        if match and match.group(1) in stems:
+            found.append(path)
+    return found

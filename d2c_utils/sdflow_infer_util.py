@@ -74,7 +74,7 @@ def process_sdflow_image(path, net, options, device, forward, prog='d2c-infer'):
     Raises:
         ImageError: the input cannot be used (the caller skips it; nothing is written for it).
     """
-    img = read_image(path)
+    img = read_image(path, options.max_pixels)
     kind, max_value = image_kind(img)
     src, alpha = split_input(img)
     temperature = net.temperature if options.temperature is None else options.temperature
@@ -111,15 +111,14 @@ def process_sdflow_image(path, net, options, device, forward, prog='d2c-infer'):
         total_sq = out.double()**2 if total_sq is None else total_sq + out.double()**2
         label = options.suffix if options.samples == 1 else f'{"lr" if options.downscale else "sample"}{i + 1}'
         name = f'{stem}_{label}' if label else stem
-        write_image(osp.join(options.output, f'{name}.{ext}'), compose_output(to_bgr(out), kind, max_value, alpha))
+        write_image(options.target(f'{name}.{ext}', path), compose_output(to_bgr(out), kind, max_value, alpha))
     if options.samples > 1:
         mean = total / options.samples
         spread = (total_sq / options.samples - mean**2).clamp_min(0).sqrt().mean(dim=1)[0].numpy()
         write_image(
-            osp.join(options.output, f'{stem}_mean.{ext}'),
-            compose_output(to_bgr(mean.float()), kind, max_value, alpha))
+            options.target(f'{stem}_mean.{ext}', path), compose_output(to_bgr(mean.float()), kind, max_value, alpha))
         peak = float(spread.max())
-        write_image(osp.join(options.output, f'{stem}_spread.png'), weight_heatmap(spread, max(peak, 1e-6)))
+        write_image(options.target(f'{stem}_spread.png', path), weight_heatmap(spread, max(peak, 1e-6)))
         tqdm.write(
             f'{prog}: {osp.basename(path)}: {options.samples} samples at temperature {temperature}; '
             f'spread (per-pixel std) mean {float(np.mean(spread)):.4f}, max {peak:.4f}',
