@@ -9,13 +9,11 @@ import struct
 import zlib
 
 import cv2
-import numpy as np
 import pytest
 import torch
 from test_infer import save_model, smooth_image, write
 
 from d2c_tools import infer
-from d2c_utils import output_util
 from d2c_utils.errors import UserError
 from d2c_utils.img_util import read_image
 from d2c_utils.output_util import DiskFullError, atomic_write, atomic_write_bytes, check_distinct
@@ -204,5 +202,3 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, model, monkeypatch, capsys):
     assert run_infer('-i', src, '-o', tmp_path / 'out', *model) == 130
     err = capsys.readouterr().err
     assert 'd2c-infer: interrupted (Ctrl-C)' in err and 'Traceback' not in err
-
-
