@@ -5,6 +5,8 @@
 
 Results go to ``results/<name>`` under the current directory.
 """
+import sys
+
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr.test import test_pipeline
 from d2c_utils.entry_util import normalise_argv, run_pipeline, use_plugin_dist_init
@@ -17,4 +19,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

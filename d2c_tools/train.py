@@ -6,6 +6,8 @@
 
 Experiments, logs and checkpoints go to ``experiments/<name>`` under the current directory.
 """
+import sys
+
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr import train as basicsr_train
 from d2c_utils.entry_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
@@ -20,4 +22,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Shared pieces of the d2c-train / d2c-test entry points around BasicSR's pipelines."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -15,22 +16,34 @@ d2c_compat.apply()
 
 from basicsr.utils import options as basicsr_options  # noqa: E402
 from basicsr.utils.misc import check_resume  # noqa: E402
+from d2c_utils import data_guard  # noqa: E402
+from d2c_utils.errors import UserError, report_interrupt  # noqa: E402
+from d2c_utils.option_check import check_options, read_option_file  # noqa: E402
+from d2c_utils.output_util import is_disk_full  # noqa: E402
 
 TRACEBACK_ENV = 'D2C_SR_TRACEBACK'
+# the experiment / results folder of the run and whether it existed before (see remove_failed_start)
+_RUN_FOLDER = {}
 
 
 def normalise_argv(argv, prog):
     """Prepare ``sys.argv`` for BasicSR's ``parse_options`` and check the option file early.
 
     ``torch.distributed.launch`` on torch >= 2 passes ``--local-rank``; BasicSR's parser only
-    knows ``--local_rank``. A missing ``-opt`` file gets a clear message instead of a traceback.
+    knows ``--local_rank``. The ``-opt`` file is loaded here first with the limits of
+    :func:`d2c_utils.option_check.load_option_text` (BasicSR's own loader has none): a missing,
+    unparsable or unsafe file, or a bad option value, exits with status 2 and one line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [arg.replace('--local-rank', '--local_rank', 1) if arg.startswith('--local-rank') else arg for arg in argv]
     if '-opt' in argv:
         index = argv.index('-opt')
-        if index + 1 < len(argv) and not osp.isfile(argv[index + 1]):
-            sys.exit(f'{prog}: error: option file not found: {argv[index + 1]!r} (pass -opt <path to a .yml>)')
+        if index + 1 < len(argv):
+            try:  # the values are checked once BasicSR applied --force_yml (checked_parse_options)
+                read_option_file(argv[index + 1], check=False)
+            except UserError as err:
+                print(f'{prog}: error: {err}', file=sys.stderr)
+                sys.exit(2)
     sys.argv = [prog] + argv
 
 
@@ -75,21 +88,94 @@ def use_plugin_dist_init():
     basicsr_options.init_dist = init_dist
 
 
+def checked_parse_options(parse_options):
+    """Wrap BasicSR's ``parse_options``: option values checked (after ``--force_yml``) before any folder is made.
+
+    Also records the run's experiment (results) folder and whether it existed, for
+    :func:`remove_failed_start`.
+    """
+
+    def parse(root_path, is_train=True):
+        opt, args = parse_options(root_path, is_train)
+        check_options(opt, args.opt)
+        folder = opt['path'].get('experiments_root' if is_train else 'results_root')
+        if folder:
+            _RUN_FOLDER.update(path=folder, existed=osp.exists(folder))
+        return opt, args
+
+    parse.wrapped = parse_options
+    return parse
+
+
+def remove_failed_start():
+    """Remove the experiment (results) folder a failed run made, if it holds nothing but logs and option files."""
+    folder = _RUN_FOLDER.get('path')
+    if not folder or _RUN_FOLDER.get('existed') or not osp.isdir(folder):
+        return
+    for _, _, names in os.walk(folder):
+        if any(not name.endswith(('.log', '.yml', '.yaml')) for name in names):
+            return  # checkpoints, states or images: keep them
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def final_validation_iter():
+    """Make BasicSR's validation after the last iteration report ``total_iter``, not ``total_iter + 1``.
+
+    BasicSR's training loop leaves its counter one past the end, so the final validation logged
+    "Best ... @ 5 iter" on a 4-iteration run.
+    """
+    from basicsr.models.base_model import BaseModel
+    if hasattr(BaseModel.validation, 'wrapped'):
+        return
+    validation = BaseModel.validation
+
+    def clamped(self, dataloader, current_iter, tb_logger, save_img=False):
+        total = (self.opt.get('train') or {}).get('total_iter') if self.is_train else None
+        if isinstance(total, int) and current_iter > total:
+            current_iter = total
+        return validation(self, dataloader, current_iter, tb_logger, save_img)
+
+    clamped.wrapped = validation
+    BaseModel.validation = clamped
+
+
+def _one_line(err):
+    """The message of ``err``; for an error re-raised from a DataLoader worker, the worker's own message."""
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    if 'Original Traceback' in message:  # torch's ExceptionWrapper: the last line is "Type: message"
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(': ', 1)[1] if ': ' in last else last
+    return message
+
+
 def run_pipeline(pipeline, prog):
     """Run a BasicSR pipeline with experiments/ and results/ under the current directory.
 
-    Configuration errors (ValueError, KeyError, FileNotFoundError) are printed as one clear
-    line and exit with status 2, a non-finite loss (FloatingPointError) with status 1; set
-    D2C_SR_TRACEBACK=1 to see the traceback.
+    Configuration and data errors (ValueError, KeyError, FileNotFoundError, a full disk) are
+    printed as one clear line and exit with status 2, a non-finite loss (FloatingPointError)
+    with status 1, Ctrl-C with 130; set D2C_SR_TRACEBACK=1 to see the traceback. A run that
+    failed before writing anything but logs leaves no experiments/<name>/ (results/<name>/).
     """
+    pipeline.__globals__['parse_options'] = checked_parse_options(
+        getattr(pipeline.__globals__['parse_options'], 'wrapped', pipeline.__globals__['parse_options']))
+    data_guard.apply()
+    final_validation_iter()
     try:
         pipeline(os.getcwd())
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as err:
+    except KeyboardInterrupt:
+        remove_failed_start()
+        sys.exit(report_interrupt(prog))
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and not is_disk_full(err):
+            raise
+        remove_failed_start()
         if os.environ.get(TRACEBACK_ENV):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        message = _one_line(err)
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            message = f'disk full: {message}; free some space (checkpoints and states are written whole or not at all)'
         print(f'{prog}: error: {message}\n(set {TRACEBACK_ENV}=1 for the full traceback)', file=sys.stderr)
-        # 1: training went wrong (non-finite loss); 2: the configuration is wrong
+        # 1: training went wrong (non-finite loss); 2: the configuration, the data or the disk is wrong
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
 
 

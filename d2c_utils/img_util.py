@@ -16,6 +16,7 @@ from .errors import ImageError, UserError
 from .output_util import atomic_write_bytes
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+JPEG_SIGNATURE = b'\xff\xd8'
 # the IEND chunk: length 0, type, CRC; every complete PNG ends with these 12 bytes
 PNG_IEND = b'\x00\x00\x00\x00IEND\xaeB`\x82'
 # the largest image decoded unless asked for more (--max-pixels): 2^28 = 16384 x 16384. A few-MB PNG may
@@ -55,7 +56,7 @@ def header_size(data):
     """
     if data.startswith(PNG_SIGNATURE) and data[12:16] == b'IHDR':
         return struct.unpack('>II', data[16:24])
-    if data.startswith(b'\xff\xd8'):
+    if data.startswith(JPEG_SIGNATURE):
         return _jpeg_size(data)
     if data[:6] in (b'GIF87a', b'GIF89a'):
         return struct.unpack('<HH', data[6:10])
@@ -114,7 +115,7 @@ def check_container(data, ext):
                 f'PNG is truncated: it does not end with an IEND chunk ({len(data)} bytes); '
                 're-download or re-export it', 'truncated')
     elif ext in ('.jpg', '.jpeg'):
-        if not data.startswith(b'\xff\xd8'):
+        if not data.startswith(JPEG_SIGNATURE):
             raise ImageError('not a JPEG file (bad signature) although named .jpg')
         if not data.rstrip(b'\x00\r\n ').endswith(b'\xff\xd9'):
             raise ImageError('JPEG is truncated: no end-of-image marker; re-download or re-export it', 'truncated')
