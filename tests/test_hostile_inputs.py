@@ -5,12 +5,19 @@ Full disks are simulated by injecting ENOSPC where the bytes reach the disk (``o
 """
 import errno
 import os
+import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import cv2
 import pytest
 import torch
+import yaml
+from conftest import read_log, tiny_train_opt, write_yaml
 from test_infer import save_model, smooth_image, write
 
 from d2c_tools import infer
@@ -202,3 +209,209 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, model, monkeypatch, capsys):
     assert run_infer('-i', src, '-o', tmp_path / 'out', *model) == 130
     err = capsys.readouterr().err
     assert 'd2c-infer: interrupted (Ctrl-C)' in err and 'Traceback' not in err
+
+
+# ---------------------------------------------------------------- d2c-train / d2c-test
+
+
+def run_tool(module, cwd, *argv, timeout=300):
+    return subprocess.run([sys.executable, '-m', f'd2c_tools.{module}', *map(str, argv)],
+                          cwd=str(cwd),
+                          capture_output=True,
+                          text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result, prog, *needles, status=2):
+    assert result.returncode == status, result.stdout[-1000:] + result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert f'{prog}: error: ' in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr[-2000:]
+
+
+BILLION_LAUGHS = 'a: &a ["x","x","x","x","x","x","x","x","x","x"]\n' + ''.join(
+    f'{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},'
+    f'*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n' for i in range(8))
+
+
+@pytest.mark.parametrize('case,needles', [
+    ('missing', ['option file not found']),
+    ('unparsable', ['cannot parse option file', 'line 2']),
+    ('not_utf8', ['is not UTF-8 text']),
+    ('billion_laughs', ['expand to more than 100,000 values']),
+    ('python_tag', ['cannot parse option file']),
+    ('total_iter', ["train.total_iter='4' is not valid; it must be an integer >= 1"]),
+    ('lr', ["train.optim_g.lr='fast' is not valid"]),
+    ('gt_size', ["datasets.train.gt_size='big' is not valid"]),
+    ('crop_border', ["val.metrics.psnr.crop_border='four' is not valid"]),
+    ('accumulate', ['train.accumulate=0 is not valid']),
+    ('save_format', ["logger.save_format='npz' is not valid; it must be one of pth, safetensors"]),
+])
+def test_bad_option_files_exit_2_before_any_work(tmp_path, tiny_data, case, needles):
+    opt = tiny_train_opt(tiny_data, name='hostile')
+    yml = tmp_path / 'opt.yml'
+    if case == 'total_iter':
+        opt['train']['total_iter'] = '4'
+    elif case == 'lr':
+        opt['train']['optim_g']['lr'] = 'fast'
+    elif case == 'gt_size':
+        opt['datasets']['train']['gt_size'] = 'big'
+    elif case == 'crop_border':
+        opt['val']['metrics']['psnr']['crop_border'] = 'four'
+    elif case == 'accumulate':
+        opt['train']['accumulate'] = 0
+    elif case == 'save_format':
+        opt['logger']['save_format'] = 'npz'
+    write_yaml(yml, opt)
+    if case == 'missing':
+        yml = tmp_path / 'nowhere.yml'
+    elif case == 'unparsable':
+        yml.write_text('name: x\n  bad: [unclosed\n')
+    elif case == 'not_utf8':
+        yml.write_bytes('name: caf\u00e9\n'.encode('latin-1'))
+    elif case == 'billion_laughs':
+        yml.write_text(BILLION_LAUGHS)
+    elif case == 'python_tag':
+        yml.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    result = run_tool('train', tmp_path, '-opt', yml, timeout=120)
+    assert_one_line_error(result, 'd2c-train', *needles)
+    assert not (tmp_path / 'experiments').exists() or os.listdir(tmp_path / 'experiments') == []
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_d2c_test_checks_network_options(tmp_path, tiny_data):
+    opt = tiny_train_opt(tiny_data, name='hostile_test')
+    test_opt = {k: opt[k] for k in ('name', 'model_type', 'scale', 'num_gpu', 'network_g', 'path', 'val')}
+    test_opt['datasets'] = {'test_1': opt['datasets']['val']}
+    test_opt['network_g']['num_block'] = 'one'
+    result = run_tool('test', tmp_path, '-opt', write_yaml(tmp_path / 't.yml', test_opt), timeout=120)
+    assert_one_line_error(result, 'd2c-test', "network_g.num_block='one' is not valid")
+    assert not (tmp_path / 'results' / 'hostile_test').exists()
+
+
+def test_failed_start_leaves_no_experiment_folder(tmp_path, tiny_data):
+    opt = tiny_train_opt(tiny_data, name='fails')
+    opt['network_g']['upscale'] = 2  # refused by the model, after BasicSR made the folders
+    result = run_tool('train', tmp_path, '-opt', write_yaml(tmp_path / 'f.yml', opt))
+    assert_one_line_error(result, 'd2c-train', 'network_g.upscale=2 but scale=4')
+    assert not (tmp_path / 'experiments' / 'fails').exists()
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize('where', ['train', 'val'])
+def test_truncated_png_in_the_data_is_named(tmp_path, tiny_data, where):
+    opt = tiny_train_opt(tiny_data, name='damaged', phases=(('divergence', 2), ('convergence', 1)))
+    bad = tmp_path / 'data' / where / 'LR' / 'img2.png'
+    truncate(bad)
+    result = run_tool('train', tmp_path, '-opt', write_yaml(tmp_path / 'd.yml', opt))
+    assert_one_line_error(result, 'd2c-train', f'{bad}: PNG is truncated')
+
+
+def make_lmdb(folder, images):
+    import lmdb
+    env = lmdb.open(str(folder), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for key, img in images.items():
+            txn.put(key.encode('ascii'), cv2.imencode('.png', img)[1].tobytes())
+    env.close()
+    (folder / 'meta_info.txt').write_text(''.join(f'{key}.png ({img.shape[0]},{img.shape[1]},3) 1\n'
+                                                  for key, img in images.items()))
+
+
+def lmdb_opt(tmp_path, tiny_data):
+    """Train and val read the same two LMDBs (one for HR, one for LR)."""
+    for role in ('HR', 'LR'):
+        folder = tmp_path / f'{role}.lmdb'
+        images = {f'img{i}': cv2.imread(os.path.join(tiny_data, 'train', role, f'img{i}.png')) for i in range(4)}
+        images.update({f'img{i}': smooth_image(1024, 1024, seed=i) for i in range(4, 6)})  # several pages
+        make_lmdb(folder, images)
+    opt = tiny_train_opt(tiny_data, name='lmdb', phases=(('divergence', 2), ('convergence', 1)))
+    for phase in ('train', 'val'):
+        opt['datasets'][phase].update(
+            dataroot_gt=str(tmp_path / 'HR.lmdb'), dataroot_lq=str(tmp_path / 'LR.lmdb'), io_backend={'type': 'lmdb'})
+    opt['val']['val_freq'] = 1
+    for folder in ('HR.lmdb', 'LR.lmdb'):  # only the small images: training crops need 32x32 HR / 8x8 LR
+        meta = tmp_path / folder / 'meta_info.txt'
+        meta.write_text(''.join(meta.read_text().splitlines(True)[:4]))
+    return opt
+
+
+def test_train_and_val_share_one_lmdb_and_best_is_the_last_iteration(tmp_path, tiny_data):
+    result = run_tool('train', tmp_path, '-opt', write_yaml(tmp_path / 'l.yml', lmdb_opt(tmp_path, tiny_data)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path / 'experiments' / 'lmdb')
+    best = re.findall(r'Best: [\d.]+ @ (\d+) iter', log)
+    assert best and max(map(int, best)) <= 3
+
+
+def test_truncated_lmdb_is_a_clear_error_not_a_bus_error(tmp_path, tiny_data):
+    opt = lmdb_opt(tmp_path, tiny_data)
+    truncate(tmp_path / 'LR.lmdb' / 'data.mdb', keep=0.3)
+    result = run_tool('train', tmp_path, '-opt', write_yaml(tmp_path / 'l.yml', opt))
+    assert_one_line_error(result, 'd2c-train', f'LMDB {tmp_path / "LR.lmdb"}: data.mdb is truncated')
+
+
+def test_ctrl_c_during_training_exits_130_with_whole_files_only(tmp_path, tiny_data):
+    opt = tiny_train_opt(tiny_data, name='interrupted', phases=(('divergence', 400), ('convergence', 100)))
+    opt['logger']['save_checkpoint_freq'] = 1
+    opt['val']['val_freq'] = 10000
+    proc = subprocess.Popen([sys.executable, '-m', 'd2c_tools.train', '-opt',
+                             write_yaml(tmp_path / 'i.yml', opt)],
+                            cwd=str(tmp_path),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                            text=True)
+    states = tmp_path / 'experiments' / 'interrupted' / 'training_states'
+    deadline = time.time() + 200
+    while time.time() < deadline and not (states.is_dir() and len(os.listdir(states)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert 'd2c-train: interrupted (Ctrl-C)' in err and 'Traceback' not in err
+    for folder in (states, states.parent / 'models'):
+        names = os.listdir(folder)
+        assert not [n for n in names if n.endswith('.tmp')]
+        for name in names:
+            torch.load(folder / name, weights_only=False)  # every file whole
+
+
+def test_swap_refuses_bad_values_and_huge_networks_quickly(tmp_path):
+    base = {
+        'name': 'edsr',
+        'model_type': 'SRModel',
+        'scale': 4,
+        'network_g': {
+            'type': 'EDSR',
+            'num_in_ch': 3,
+            'num_out_ch': 3,
+            'num_feat': 64,
+            'num_block': 16,
+            'upscale': 4
+        },
+        'train': {
+            'total_iter': 1000,
+            'optim_g': {
+                'type': 'Adam',
+                'lr': 1.0e-4
+            }
+        },
+    }
+    cases = [('num_block', -3, 'network_g.num_block=-3 is not valid'),
+             ('total_iter', 'lots', "train.total_iter='lots' is not valid"),
+             ('num_feat', 100000000, 'network_g.num_feat=100000000 is not valid')]
+    for key, value, needle in cases:
+        opt = yaml.safe_load(yaml.safe_dump(base))
+        (opt['train'] if key == 'total_iter' else opt['network_g'])[key] = value
+        yml = write_yaml(tmp_path / f'{key}.yml', opt)
+        start = time.time()
+        result = run_tool('swap', tmp_path, yml, '-o', tmp_path / f'{key}_d2c.yml', timeout=120)
+        assert_one_line_error(result, 'd2c-swap', needle)
+        assert time.time() - start < 60
+    (tmp_path / 'latin1.yml').write_bytes('name: caf\u00e9\n'.encode('latin-1'))
+    assert_one_line_error(run_tool('swap', tmp_path, tmp_path / 'latin1.yml', '--check'), 'd2c-swap', 'not UTF-8')
