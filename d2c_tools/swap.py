@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from d2c_utils.errors import UserError, report_user_error
+from d2c_utils.errors import UserError, command_line_tool
 
 PROG = 'd2c-swap'
 
@@ -42,16 +42,14 @@ def build_parser():
     return parser
 
 
+@command_line_tool(PROG)
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        return report_user_error(PROG, err)
+    return run(build_parser().parse_args(argv))
 
 
 def run(args):
     from d2c_utils.checkpoint_util import atomic_write
+    from d2c_utils.option_check import check_options, read_option_file
     from d2c_utils.swap_util import build_check, parse_budget, swap_options, unified_diff
 
     if not args.check and not args.output:
@@ -65,11 +63,10 @@ def run(args):
                         'and width >= 2 (at least two branches to diverge).')
     if args.convergence_fraction is not None and not 0 < args.convergence_fraction < 1:
         raise UserError(f'--convergence-fraction {args.convergence_fraction}: give a number between 0 and 1.')
-    try:
-        with open(args.input, encoding='utf-8') as f:
-            old_text = f.read()
-    except OSError as err:
-        raise UserError(f'cannot read {args.input}: {err.strerror}') from None
+    # size, encoding, aliases and the values of the keys d2c-train checks, before the sizing search
+    check_options(read_option_file(args.input, flag='INPUT', check=False), args.input)
+    with open(args.input, encoding='utf-8') as f:
+        old_text = f.read()
     result = swap_options(
         old_text,
         args.input,

@@ -128,6 +128,18 @@ def _widths(num_feat, unit, floor):
     return sorted({w for w in widths if floor <= w <= num_feat and w >= unit}, reverse=True)
 
 
+def _first_true(predicate, size):
+    """The smallest index in ``range(size)`` where a monotone (False..., True...) ``predicate`` holds, or None."""
+    low, high = 0, size
+    while low < high:
+        middle = (low + high) // 2
+        if predicate(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low if low < size else None
+
+
 def size_counterpart(base_opt, original_depth, depth_option, budget):
     """Choose ``num_feat`` and the depth option of the D2C counterpart.
 
@@ -164,13 +176,14 @@ def size_counterpart(base_opt, original_depth, depth_option, budget):
         for widths in (_widths(num_feat, unit, half), _widths(half - 1, unit, max(8, unit))):
             if not widths:
                 continue
-            for depth in range(per_node, 0, -1):
-                if count(widths[-1], depth) > budget:
-                    continue  # not even the narrowest width fits this depth
-                for width in widths:
-                    params = count(width, depth)
-                    if params <= budget:
-                        return sized(width, depth), params
+            # the deepest path whose narrowest width fits, then the widest width that fits it: the count
+            # grows with both, so two bisections (a few dozen counts, whatever the sizes) find them
+            shallower = _first_true(lambda d: count(widths[-1], per_node - d) <= budget, per_node)
+            if shallower is None:
+                continue
+            depth = per_node - shallower
+            index = _first_true(lambda i: count(widths[i], depth) <= budget, len(widths))
+            return sized(widths[index], depth), count(widths[index], depth)
     narrowest = max(8, unit)
     raise UserError(f'no D2C counterpart fits {budget:,} parameters: the smallest tried (num_feat={narrowest}, '
                     f'{depth_option}=1, tree {base_opt["tree_depth"]}x{base_opt["tree_width"]}) has '
