@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from d2c_utils.dan_convert_util import DEFAULT_LOOP, PROG, convert_checkpoint_file
-from d2c_utils.errors import UserError, report_user_error
+from d2c_utils.errors import UserError, command_line_tool, report_user_error
 
 
 def build_parser():
@@ -45,6 +45,7 @@ def build_parser():
     return parser
 
 
+@command_line_tool(PROG)
 def main(argv=None):
     """Console entry point (``d2c-convert-dan``); returns the exit status.
 

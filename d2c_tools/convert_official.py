@@ -9,7 +9,7 @@ The file is read without MegEngine and without running code from it; see
 import argparse
 import sys
 
-from d2c_utils.errors import UserError, report_user_error
+from d2c_utils.errors import UserError, command_line_tool, report_user_error
 from d2c_utils.official_util import CHANNEL_ORDERS, PROG, convert_checkpoint_file
 
 
@@ -56,6 +56,7 @@ def build_parser():
     return parser
 
 
+@command_line_tool(PROG)
 def main(argv=None):
     """Console entry point (``d2c-convert-official``); returns the exit status.
 

@@ -11,7 +11,7 @@ The files are read with ``torch.load(weights_only=True)``: no code from them run
 import argparse
 import sys
 
-from d2c_utils.errors import UserError, report_user_error
+from d2c_utils.errors import UserError, command_line_tool, report_user_error
 from d2c_utils.sdflow_convert_util import PROG, convert_files
 
 
@@ -42,6 +42,7 @@ def build_parser():
     return parser
 
 
+@command_line_tool(PROG)
 def main(argv=None):
     """Console entry point (``d2c-convert-sdflow``); returns the exit status.
 

@@ -15,7 +15,8 @@ The export checks itself: ONNX Runtime runs the file on an input of another size
 traced, and every output must agree with PyTorch fp32 to >= 80 dB PSNR (fp32 file; float32
 reordering stays near 130 dB, a graph with a size baked in measured 60-70 dB) or >= 45 dB (fp16
 file). A file that fails is not left behind. Exit status: 0 written and checked; 2 bad input or a
-failed check (one line naming the file and what to do).
+failed check (one line naming the file and what to do); an existing file (--force) is replaced only
+by a new one that passed.
 """
 import argparse
 import os
@@ -25,7 +26,7 @@ from os import path as osp
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_utils import export_util
 from d2c_utils.checkpoint_util import load_model
-from d2c_utils.errors import UserError, report_user_error
+from d2c_utils.errors import UserError, command_line_tool, report_user_error
 from d2c_utils.export_util import CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, OUTPUTS
 
 PROG = 'd2c-export'
@@ -39,6 +40,16 @@ def parse_size(text):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT of at least 8x8 such as 71x45, got {text!r}')
+
+
+def unchecked_path(output):
+    """Where the file is written and checked before it is renamed to ``output`` (hidden, in the same folder).
+
+    Named like :func:`d2c_utils.output_util.atomic_write`'s temporary files, so one left by a killed run
+    is removed by the next write into that folder.
+    """
+    folder, name = osp.split(osp.abspath(output))
+    return osp.join(folder, f'.{name}.d2c-{os.getpid()}-unchecked.tmp')
 
 
 def parse_args(argv):
@@ -87,6 +98,7 @@ def parse_args(argv):
     return args
 
 
+@command_line_tool(PROG)
 def main(argv=None):
     """Entry point of ``d2c-export``; returns the exit status (0, or 2 for bad input / a failed check)."""
     args = parse_args(argv)
@@ -98,21 +110,25 @@ def main(argv=None):
         net, info = load_model(args.model, args.opt, args.param_key, 'cpu')
         for line in info['warnings']:
             print(f'{PROG}: warning: {args.model}: {line}', file=sys.stderr)
+        # written and checked under a temporary name in the output's folder: an existing file (-f) is replaced
+        # only by a file that passed, and a kill leaves no half-written or unchecked .onnx
+        unchecked = unchecked_path(args.output)
         result = export_util.export_onnx(
             net,
-            args.output,
+            unchecked,
             outputs=args.outputs,
             precision=args.precision,
             opset=args.opset,
             net_opt=info['net_opt'],
             source=osp.basename(args.model))
         agreement = None
-        if args.check:
-            try:
-                agreement = export_util.check_export(net, args.output, args.precision, args.check_size)
-            except UserError:
-                os.remove(args.output)  # a file that computes something else must not be used
-                raise
+        try:
+            if args.check:
+                agreement = export_util.check_export(net, unchecked, args.precision, args.check_size)
+            os.replace(unchecked, args.output)
+        finally:
+            if osp.exists(unchecked):
+                os.remove(unchecked)  # a file that computes something else must not be used
     except UserError as err:
         return report_user_error(PROG, err)
     batch = 'any batch' if result['dynamic_batch'] else 'batch 1 (SwinIR windows)'

@@ -14,7 +14,7 @@ import sys
 
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_utils.checkpoint_util import build_network, load_model, network_options
-from d2c_utils.errors import UserError, report_user_error
+from d2c_utils.errors import UserError, command_line_tool, report_user_error
 from d2c_utils.summary_util import describe, summarize
 
 PROG = 'd2c-summary'
@@ -30,6 +30,7 @@ def parse_size(text):
     raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT such as 256x256, got {text!r}')
 
 
+@command_line_tool(PROG)
 def main(argv=None):
     """Entry point of ``d2c-summary``; returns the exit status (0, or 2 for bad input files)."""
     parser = argparse.ArgumentParser(

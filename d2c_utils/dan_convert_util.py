@@ -49,6 +49,7 @@ from .checkpoint_util import (
     test_option_dict,
 )
 from .errors import UserError
+from .output_util import check_distinct
 
 PROG = 'd2c-convert-dan'
 DEFAULT_LOOP = 4  # every official option file (the class default, 8, is never used)
@@ -418,13 +419,10 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
     Returns:
         list[str]: lines to print for the user.
     """
+    check_distinct({'OUT.pth': output, '--opt-out': opt_out}, {'OFFICIAL.pth': checkpoint, '--pca': pca})
     for path in filter(None, (output, opt_out)):
-        if os.path.exists(checkpoint) and os.path.exists(path) and os.path.samefile(checkpoint, path):
-            raise UserError(f'{path}: the output would overwrite the input checkpoint')
         if os.path.exists(path) and not force:
             raise UserError(f'{path} exists; pass --force to overwrite it')
-    if opt_out and os.path.abspath(opt_out) == os.path.abspath(output):
-        raise UserError(f'--opt-out {opt_out} is the output checkpoint too; give it another name')
 
     obj = load_checkpoint(checkpoint, 'OFFICIAL.pth (the official DANv2 checkpoint)')
     state, wrapper = unwrap_state_dict(obj, checkpoint)

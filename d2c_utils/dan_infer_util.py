@@ -48,7 +48,7 @@ def load_dan(model_path, opt_path=None, param_key=None, device='cpu'):
         tuple[DAN, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
         ``net_opt``, ``warnings`` (as :func:`d2c_utils.checkpoint_util.load_model`).
     """
-    return load_arch_checkpoint(
+    net, info = load_arch_checkpoint(
         model_path,
         opt_path,
         param_key,
@@ -59,6 +59,11 @@ def load_dan(model_path, opt_path=None, param_key=None, device='cpu'):
         'cannot tell them); pass --opt <the training option file> if they differ',
         # the checkpoint's buffer is loaded; no need for the PCA file here
         fixed={'pca_matrix': None})
+    if not bool(net.pca_matrix.any()):  # found here, not at the first image
+        raise UserError(f'{model_path}: its PCA matrix (the buffer pca_matrix) is all zeros, so DAN cannot encode '
+                        'kernels; convert the official weights with d2c-convert-dan --pca <pca_matrix.pth>, or use '
+                        'a checkpoint written by training with network_g.pca_matrix set')
+    return net, info
 
 
 def central_crop(lq, size):

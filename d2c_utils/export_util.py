@@ -18,10 +18,12 @@ import json
 import time
 from copy import deepcopy
 
+import numpy as np
 import torch
 from torch import nn as nn
 
 from .errors import UserError
+from .output_util import atomic_write
 
 FORMAT = 'd2c-sr/onnx/1'  # metadata 'd2c_sr.format'; bump when the inputs/outputs change meaning
 META_PREFIX = 'd2c_sr.'
@@ -110,8 +112,24 @@ def parse_metadata(props, path):
                         'export the checkpoint with d2c-export MODEL.pth -o MODEL.onnx')
     meta = dict(props)
     for key in ('upscale', 'num_branch', 'tree_depth', 'tree_width', 'num_in_ch', 'size_multiple'):
-        meta[key] = int(meta[key])
-    meta['network_g'] = json.loads(meta.get('network_g') or '{}')
+        try:
+            meta[key] = int(meta[key])
+        except (KeyError, ValueError):
+            meta[key] = None
+        if meta[key] is None or meta[key] < 1:
+            raise UserError(f'{path}: its metadata d2c_sr.{key}={props.get(key)!r} is not a positive integer; the '
+                            'file is damaged or was edited: export the checkpoint again with d2c-export')
+    try:
+        meta['network_g'] = json.loads(meta.get('network_g') or '{}')
+    except ValueError as err:
+        raise UserError(f'{path}: its metadata d2c_sr.network_g is not valid JSON ({err}); export the checkpoint '
+                        'again with d2c-export') from None
+    if not isinstance(meta['network_g'], dict):
+        raise UserError(f'{path}: its metadata d2c_sr.network_g is not a mapping; export the checkpoint again')
+    for key, allowed in (('outputs', tuple(OUTPUTS)), ('precision', EXPORT_PRECISIONS)):
+        if meta.get(key) not in allowed:
+            raise UserError(f'{path}: its metadata d2c_sr.{key}={meta.get(key)!r} is not one of {allowed}; export '
+                            'the checkpoint again with d2c-export')
     return meta
 
 
@@ -151,7 +169,6 @@ def export_onnx(net,
         dict: ``seconds`` (export time), ``dynamic_batch`` (False for SwinIR branches: the file
         then takes one image at a time), ``opset``, ``bytes``.
     """
-    from .checkpoint_util import atomic_write  # noqa: PLC0415  (checkpoint_util imports the archs)
     onnx = require('onnx', 'ONNX export')
     require('onnxscript', 'ONNX export')
     if outputs not in OUTPUTS:
@@ -232,9 +249,15 @@ def check_export(net, path, precision='fp32', size=CHECK_SIZE, seed=0):
         raise UserError(f'ONNX Runtime cannot run {path}: {str(err).splitlines()[0][:300]}') from None
     reference = net.float().eval()(lq.to(next(net.parameters()).device), return_branches=True)
     reference = dict(zip(OUTPUTS['all'], (t.cpu() for t in reference)))
+    nonfinite = [name for name, array in zip(names, got) if not np.isfinite(array).all()]
+    nonfinite += [name for name in names if name not in nonfinite and not bool(torch.isfinite(reference[name]).all())]
+    if nonfinite:
+        raise UserError(f'the exported model gives NaN/inf ({", ".join(nonfinite)}) on a {size[1]}x{size[0]} input '
+                        '(WxH): the weights hold NaN/inf or overflow; export a checkpoint from before training '
+                        'diverged')
     agreement = {name: psnr_db(torch.from_numpy(array), reference[name]) for name, array in zip(names, got)}
     need = MIN_AGREEMENT_DB[precision]
-    bad = {name: db for name, db in agreement.items() if db < need}
+    bad = {name: db for name, db in agreement.items() if not db >= need}  # NaN compares False: a failure
     if bad:
         shown = ', '.join(f'{name} {db:.1f} dB' for name, db in bad.items())
         raise UserError(

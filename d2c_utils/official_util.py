@@ -58,6 +58,7 @@ from d2c_arch import default_options
 from d2c_arch.upsample_util import upsampler_scale
 from .checkpoint_util import atomic_write, atomic_write_text, dump_option_yaml, file_sha256
 from .errors import UserError
+from .output_util import check_distinct
 
 PROG = 'd2c-convert-official'
 SECTIONS = ('state_dict_D', 'state_dict_C')
@@ -653,9 +654,7 @@ def convert_checkpoint_file(checkpoint,
     import torch
     if template and not opt_out:
         raise UserError('--template needs --opt-out (where to write the test option file)')
-    src, dst = os.path.abspath(checkpoint), os.path.abspath(output)
-    if os.path.exists(checkpoint) and os.path.exists(output) and os.path.samefile(src, dst):
-        raise UserError(f'{output}: the output would overwrite the input checkpoint')
+    check_distinct({'OUTPUT': output, '--opt-out': opt_out}, {'CHECKPOINT': checkpoint, '--template': template})
     for path in filter(None, (output, opt_out)):
         if os.path.exists(path) and not force:
             raise UserError(f'{path} exists; pass --force to overwrite it')

@@ -14,7 +14,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 import time
+import uuid
 from os import path as osp
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 
 from .errors import UserError
 from .export_util import OUTPUTS, export_onnx, parse_metadata, require
+from .output_util import remove_stale_temps
 
 BACKENDS = ('auto', 'torch', 'onnxruntime', 'openvino')
 # measured by benchmarks/bench_export.py on a 2-core AVX512-BF16 CPU (README, Export and deployment):
@@ -139,7 +142,10 @@ class OnnxRuntimeModel(RuntimeModel):
                                 f'{ort.get_available_providers()}); use --device cpu')
             providers.insert(0, 'CUDAExecutionProvider')
         start = time.perf_counter()
-        self.session = ort.InferenceSession(path, providers=providers)
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as err:  # a damaged file, external data it may not read, an op this runtime lacks
+            raise runtime_error(path, 'ONNX Runtime', err) from None
         self.prepare_seconds = time.perf_counter() - start
         self.input_name = self.session.get_inputs()[0].name
         self.precision_name = meta['precision']
@@ -165,7 +171,10 @@ class OpenVINOModel(RuntimeModel):
         self.core = ov.Core()
         hint = str(self.core.get_property('CPU', 'INFERENCE_PRECISION_HINT'))
         self.default_dtype = torch.bfloat16 if 'bf16' in hint or 'bfloat16' in hint else None
-        self.model = self.core.read_model(path)
+        try:
+            self.model = self.core.read_model(path)
+        except Exception as err:
+            raise runtime_error(path, 'OpenVINO', err) from None
         self.compiled = {}
         self.precision_name = meta['precision']
 
@@ -182,6 +191,13 @@ class OpenVINOModel(RuntimeModel):
         compiled = self.compiled_for(dtype)
         result = compiled(array)
         return [result[port] for port in compiled.outputs]
+
+
+def runtime_error(path, runtime, err):
+    """The UserError for a file a runtime refuses, in one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return UserError(f'{runtime} cannot open {path}: {(lines[0] if lines else type(err).__name__)[:300]}; use a file '
+                     'written by d2c-export (weights inside the file, no external data outside its folder)')
 
 
 def read_onnx_metadata(path):
@@ -240,15 +256,14 @@ def export_cached(net, model_path, info, outputs, cache_dir, log):
     if cache_dir:
         key = checkpoint_digest(model_path, info['net_opt'], info['param_key'], outputs)
         path = osp.join(cache_dir, 'onnx', f'{key}.onnx')
+        remove_stale_temps(osp.dirname(path))  # what killed exports left
         if osp.isfile(path):
             log(f'exported model from the cache: {path}')
             return path
-    else:
-        import atexit  # noqa: PLC0415
-        import tempfile  # noqa: PLC0415
-        fd, path = tempfile.mkstemp(suffix='.onnx')
-        os.close(fd)
-        atexit.register(lambda: osp.exists(path) and os.remove(path))
+    else:  # a temporary file named like atomic_write's, so one a killed run left is removed by the next run
+        folder = tempfile.gettempdir()
+        remove_stale_temps(folder)
+        path = osp.join(folder, f'.d2c-sr-export.d2c-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
     try:
         result = export_onnx(net, path, outputs=outputs, net_opt=info['net_opt'], source=osp.basename(model_path))
     except OSError as err:
@@ -274,14 +289,31 @@ def load_runtime_model(path, backend, device, outputs='all', net=None, info=None
     Returns:
         RuntimeModel
     """
-    if net is not None:
-        path = export_cached(net, path, info, outputs, cache_dir, log)
+    if backend not in ('onnxruntime', 'openvino'):
+        raise UserError(f'backend {backend!r}: use one of {BACKENDS}')
+    if net is None:
+        return open_runtime_model(path, backend, device)
+    exported = export_cached(net, path, info, outputs, cache_dir, log)
+    try:
+        return open_runtime_model(exported, backend, device)
+    except UserError as err:
+        if not cache_dir:
+            raise
+        # a damaged cache entry (a disk error, an edit): export again instead of failing every later run
+        log(f'notice: the cached export {exported} cannot be used ({err}); exporting {path} again')
+        os.remove(exported)
+        return open_runtime_model(export_cached(net, path, info, outputs, cache_dir, log), backend, device)
+    finally:
+        if not cache_dir and osp.exists(exported):
+            os.remove(exported)  # the runtimes hold the model in memory now: nothing stays in the temp folder
+
+
+def open_runtime_model(path, backend, device):
+    """An ONNX file written by d2c-export, opened for ``backend``; UserError naming the file if it cannot be."""
     meta = read_onnx_metadata(path)
     if backend == 'onnxruntime':
         return OnnxRuntimeModel(path, meta, device)
-    if backend == 'openvino':
-        return OpenVINOModel(path, meta)
-    raise UserError(f'backend {backend!r}: use one of {BACKENDS}')
+    return OpenVINOModel(path, meta)
 
 
 __all__ = [

@@ -70,6 +70,7 @@ from .checkpoint_util import (
     test_option_dict,
 )
 from .errors import UserError
+from .output_util import check_distinct
 
 PROG = 'd2c-convert-sdflow'
 REPO_URL = 'https://github.com/sunwj/sdflow'
@@ -557,14 +558,10 @@ def convert_files(hrnet, lrencoder, output, contentnet=None, degnet=None, opt_ou
         have, lack = (('--contentnet', '--degnet') if 'contentnet' in given else ('--degnet', '--contentnet'))
         raise UserError(f'{have} without {lack}: the downscaler needs both contentnet.pth (the LR flow) and '
                         'degnet.pth (the degradation flow); give both, or neither for the SR path only')
+    check_distinct({'OUT.pth': output, '--opt-out': opt_out}, {PARTS[part].flag: path for part, path in given.items()})
     for path in filter(None, (output, opt_out)):
-        for source in given.values():
-            if os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
-                raise UserError(f'{path}: the output would overwrite the input {source}')
         if os.path.exists(path) and not force:
             raise UserError(f'{path} exists; pass --force to overwrite it')
-    if opt_out and os.path.abspath(opt_out) == os.path.abspath(output):
-        raise UserError(f'--opt-out {opt_out} is the output checkpoint too; give it another name')
     seen = {}
     for part, path in given.items():
         real = os.path.realpath(path)
