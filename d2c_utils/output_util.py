@@ -192,7 +192,7 @@ def check_distinct(outputs, inputs):
     for i, (flag, path) in enumerate(outputs):
         for in_flag, in_path in inputs:
             if same_file(path, in_path):
-                raise UserError(f'{flag} {path} is the input {in_flag}: writing it would destroy the input; '
+                raise UserError(f'{flag} {path} is the input {in_flag}: writing it would overwrite the input; '
                                 'choose another output path')
         for other_flag, other in outputs[i + 1:]:
             if same_file(path, other):

@@ -415,3 +415,181 @@ def test_swap_refuses_bad_values_and_huge_networks_quickly(tmp_path):
         assert time.time() - start < 60
     (tmp_path / 'latin1.yml').write_bytes('name: caf\u00e9\n'.encode('latin-1'))
     assert_one_line_error(run_tool('swap', tmp_path, tmp_path / 'latin1.yml', '--check'), 'd2c-swap', 'not UTF-8')
+
+
+# ---------------------------------------------------------------- d2c-export and the export cache
+
+
+@pytest.fixture(scope='module')
+def exported_model(tmp_path_factory):
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    from d2c_tools import export
+    root = tmp_path_factory.mktemp('export')
+    pth, yml, net = save_model(str(root))
+    onnx_path = root / 'good.onnx'
+    assert export.main([pth, '-o', str(onnx_path), '--opt', yml]) == 0
+    return pth, yml, net, onnx_path
+
+
+def test_export_of_nan_weights_fails_and_force_keeps_the_good_file(tmp_path, exported_model, capsys):
+    from d2c_tools import export
+    pth, yml, net, good = exported_model
+    target = tmp_path / 'model.onnx'
+    target.write_bytes(good.read_bytes())
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state['head.weight'][0, 0, 0, 0] = float('nan')
+    nan_pth = tmp_path / 'nan.pth'
+    torch.save({'params': state}, nan_pth)
+    assert export.main([str(nan_pth), '-o', str(target), '--opt', yml, '-f']) == 2
+    err = capsys.readouterr().err
+    assert 'd2c-export: error: the exported model gives NaN/inf (sr)' in err
+    assert target.read_bytes() == good.read_bytes() and sorted(os.listdir(tmp_path)) == ['model.onnx', 'nan.pth']
+
+
+def test_export_full_disk_is_one_line(tmp_path, exported_model, monkeypatch, capsys):
+    from d2c_tools import export
+    pth, yml, _, _ = exported_model
+    monkeypatch.setattr(os, 'fsync', enospc)
+    assert export.main([pth, '-o', str(tmp_path / 'x.onnx'), '--opt', yml]) == 2
+    assert 'd2c-export: error: disk full: cannot write' in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def edited_metadata(source, target, **changes):
+    import onnx
+    proto = onnx.load_model(str(source))
+    for entry in list(proto.metadata_props):
+        key = entry.key[len('d2c_sr.'):]
+        if key in changes:
+            if changes[key] is None:
+                proto.metadata_props.remove(entry)
+            else:
+                entry.value = changes[key]
+    onnx.save_model(proto, str(target))
+    return target
+
+
+@pytest.mark.parametrize('changes,needle', [
+    ({
+        'upscale': 'four'
+    }, "d2c_sr.upscale='four' is not a positive integer"),
+    ({
+        'upscale': None
+    }, 'd2c_sr.upscale=None is not a positive integer'),
+    ({
+        'upscale': '0'
+    }, "d2c_sr.upscale='0' is not a positive integer"),
+    ({
+        'network_g': '{broken'
+    }, 'd2c_sr.network_g is not valid JSON'),
+])
+def test_onnx_with_bad_metadata_is_one_line(tmp_path, exported_model, changes, needle, capsys):
+    bad = edited_metadata(exported_model[3], tmp_path / 'bad.onnx', **changes)
+    src = photos(tmp_path / 'in', ['a.png'])
+    assert infer.main(
+        ['-i', str(src), '-o',
+         str(tmp_path / 'out'), '--model',
+         str(bad), '--backend', 'onnxruntime', '-q']) == 2
+    err = capsys.readouterr().err
+    assert needle in err and 'Traceback' not in err
+
+
+def test_onnx_with_external_data_outside_its_folder_is_one_line(tmp_path, exported_model, capsys):
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+    proto = onnx.load_model(str(exported_model[3]))
+    convert_model_to_external_data(proto, location='../outside.bin', size_threshold=0)
+    folder = tmp_path / 'model'
+    folder.mkdir()
+    (tmp_path / 'outside.bin').write_bytes(b'\0' * 4096)
+    (folder / 'm.onnx').write_bytes(proto.SerializeToString())  # onnx.save_model refuses such a location
+    src = photos(tmp_path / 'in', ['a.png'])
+    assert infer.main([
+        '-i',
+        str(src), '-o',
+        str(tmp_path / 'out'), '--model',
+        str(folder / 'm.onnx'), '--backend', 'onnxruntime', '-q'
+    ]) == 2
+    err = capsys.readouterr().err
+    assert 'ONNX Runtime cannot open' in err and 'Traceback' not in err
+
+
+def test_corrupt_cache_entry_is_exported_again_and_stale_temps_removed(tmp_path, exported_model, capsys):
+    pth, yml, _, _ = exported_model
+    src = photos(tmp_path / 'in', ['a.png'])
+    cache = tmp_path / 'cache'
+    args = [
+        '-i',
+        str(src), '--model', pth, '--opt', yml, '--backend', 'onnxruntime', '--precision', 'fp32', '-q', '--cache-dir',
+        str(cache)
+    ]
+    assert infer.main(args + ['-o', str(tmp_path / 'a')]) == 0
+    entries = os.listdir(cache / 'onnx')
+    assert len(entries) == 1
+    (cache / 'onnx' / entries[0]).write_bytes(b'\x08garbage')
+    stale = cache / 'onnx' / f'.{entries[0]}.d2c-999999999-abcd.tmp'
+    stale.write_bytes(b'partial export')
+    capsys.readouterr()
+    assert infer.main(args + ['-o', str(tmp_path / 'b')]) == 0
+    err = capsys.readouterr().err
+    assert 'notice: the cached export' in err and 'exporting' in err
+    assert os.listdir(cache / 'onnx') == entries
+    assert infer.main(args + ['-o', str(tmp_path / 'c')]) == 0
+    assert 'from the cache' in capsys.readouterr().err
+
+
+def test_no_cache_leaves_nothing_in_the_temp_folder(tmp_path, exported_model, monkeypatch):
+    import tempfile
+    pth, yml, _, _ = exported_model
+    temp = tmp_path / 'tmp'
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(temp))
+    src = photos(tmp_path / 'in', ['a.png'])
+    assert infer.main([
+        '-i',
+        str(src), '-o',
+        str(tmp_path / 'out'), '--model', pth, '--opt', yml, '--backend', 'onnxruntime', '--precision', 'fp32', '-q',
+        '--cache-dir', ''
+    ]) == 0
+    assert os.listdir(temp) == []
+
+
+# ---------------------------------------------------------------- converters
+
+
+def test_official_converter_refuses_opt_out_on_its_output_or_input(tmp_path, capsys):
+    from test_convert_official import _variant, random_official, write_pickle
+
+    from d2c_tools import convert_official
+    src = write_pickle(tmp_path / 'off.pkl',
+                       _variant(*random_official(4, seed=4, nf=8, ng=1, nb=1, reduction=4), lambda d, c: None))
+    before = open(src, 'rb').read()
+    out = tmp_path / 'out.pth'
+    assert convert_official.main([str(src), str(out), '--opt-out', str(out)]) == 2
+    assert 'OUTPUT and --opt-out are the same file' in capsys.readouterr().err
+    assert convert_official.main([str(src), str(out), '--opt-out', str(src), '--force']) == 2
+    assert 'is the input CHECKPOINT' in capsys.readouterr().err
+    assert open(src, 'rb').read() == before and not out.exists()
+
+
+def test_dan_converter_refuses_to_overwrite_its_pca_input(tmp_path, capsys):
+    from d2c_tools import convert_dan
+    pca = tmp_path / 'pca.pth'
+    torch.save(torch.rand(441, 10), pca)
+    before = pca.read_bytes()
+    (tmp_path / 'in.pth').write_bytes(b'')
+    assert convert_dan.main([str(tmp_path / 'in.pth'), str(pca), '--pca', str(pca), '--force']) == 2
+    assert 'is the input --pca' in capsys.readouterr().err
+    assert pca.read_bytes() == before
+
+
+def test_dan_checkpoint_with_zero_pca_is_refused_at_load(tmp_path, capsys):
+    from d2c_arch import DAN
+    net = DAN(num_feat=8, num_group=1, num_block=1, code_length=4, kernel_size=5, estimator_feat=8, estimator_blocks=1)
+    pth = tmp_path / 'dan.pth'
+    torch.save({'params': net.state_dict()}, pth)  # pca_matrix: all zeros
+    src = photos(tmp_path / 'in', ['a.png'])
+    assert run_infer('-i', src, '-o', tmp_path / 'out', '--model', pth) == 2
+    err = capsys.readouterr().err
+    assert 'its PCA matrix (the buffer pca_matrix) is all zeros' in err and 'Traceback' not in err
