@@ -32,7 +32,15 @@ from d2c_utils.checkpoint_util import load_model
 from d2c_utils.dan_infer_util import load_dan, model_type
 from d2c_utils.errors import ImageError, UserError, report_user_error
 from d2c_utils.img_util import list_inputs
-from d2c_utils.infer_util import OutputOptions, process_image, select_device, select_precision, write_metrics
+from d2c_utils.infer_util import (
+    PERCEPTUAL_METRICS,
+    OutputOptions,
+    prepare_perceptual,
+    process_image,
+    select_device,
+    select_precision,
+    write_metrics,
+)
 from d2c_utils.precision_util import precision_name
 from d2c_utils.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
 from d2c_utils.sdflow_infer_util import load_sdflow, process_sdflow_image
@@ -167,6 +175,15 @@ def parse_args(argv):
         default=None,
         help='ground-truth folder (same file names): print Y-PSNR/SSIM of bicubic, each branch, '
         'fused and the oracle fusion and write <output>/metrics.csv')
+    extra.add_argument(
+        '--perceptual',
+        nargs='+',
+        default=[],
+        choices=PERCEPTUAL_METRICS,
+        metavar='METRIC',
+        help='with --reference: also LPIPS (alex, v0.1: the D2C-SR paper\'s Table 2) and/or DISTS of every image, '
+        f'lower is better ({", ".join(PERCEPTUAL_METRICS)}; pip install "d2c-sr[perceptual]"; the backbone weights '
+        'come from the torch hub cache)')
     parser.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
     for name in ('tile', 'tile_pad', 'pre_pad', 'grid_size', 'kernel_crop'):
@@ -180,6 +197,8 @@ def parse_args(argv):
         parser.error('--outscale must be positive')
     if args.reference and not os.path.isdir(args.reference):
         parser.error(f'--reference: folder not found: {args.reference}')
+    if args.perceptual and not args.reference:
+        parser.error('--perceptual needs --reference HR_DIR (the images to compare with)')
     return args
 
 
@@ -276,6 +295,7 @@ def main(argv=None):
             backend, why = select_backend(args.backend, args.model, device)
         inputs = list_inputs(args.input)
         net, info, dtype = open_model(args, backend, device, kind)
+        prepare_perceptual(args.perceptual, device)  # a missing weight file stops here, before any image
         try:
             os.makedirs(args.output, exist_ok=True)
         except OSError as err:
@@ -320,7 +340,7 @@ def main(argv=None):
         if metrics is not None:
             rows.append((os.path.basename(path), metrics))
     if rows:
-        write_metrics(args.output, rows)
+        write_metrics(args.output, rows, args.perceptual)
     print(f'{len(inputs) - len(failed)} of {len(inputs)} image(s) written to {args.output}')
     if failed:
         print(f'{PROG}: {len(failed)} input(s) skipped: {", ".join(failed)}', file=sys.stderr)
