@@ -8,7 +8,10 @@ connection fail the test, so nothing here ever reaches the network.
 """
 import csv
 import os
+import re
 import socket
+import subprocess
+import sys
 
 import cv2
 import lpips
@@ -18,12 +21,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+import yaml
+from conftest import REPO_ROOT, write_yaml
+from test_options import load_like_basicsr
 
 from basicsr.metrics import calculate_metric
+from basicsr.models import build_model
 from basicsr.utils.registry import METRIC_REGISTRY
 from d2c_metrics import perceptual_metric as pm
 from d2c_tools import infer
 
+sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
+import make_table2_options  # noqa: E402
+
+TINY_D2C = {'num_feat': 8, 'num_group': 1, 'num_block': 1, 'reduction': 4, 'num_fusion_feat': 8}
 ALEX_FILE = 'alexnet-owt-7be5be79.pth'
 SQUEEZE_FILE = 'squeezenet1_1-b8a52dc0.pth'
 
@@ -312,3 +323,106 @@ def test_infer_perceptual_needs_reference(capsys):
     with pytest.raises(SystemExit) as info:
         infer.parse_args(['-i', 'x', '--model', 'm.pth', '--perceptual', 'lpips'])
     assert info.value.code == 2 and '--perceptual needs --reference' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Table 2 option files
+TABLE2 = os.path.join(REPO_ROOT, 'options', 'table2')
+
+
+def test_table2_option_files_are_current():
+    assert make_table2_options.main(['--check']) == 0
+    assert sorted(os.listdir(TABLE2)) == sorted(f'{kind}_D2C-VGG_RealSR_x{s}.yml' for s in (2, 3, 4)
+                                                for kind in ('train', 'test'))
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+def test_table2_training_adds_vgg_loss_and_lpips_validation(offline, monkeypatch, tmp_path, scale):
+    """The Table 2 files build a D2CModel with BasicSR's PerceptualLoss (VGG19 made here) whose
+    convergence step logs l_percep, and validate with LPIPS (lower is better)."""
+    hub, attempts = offline
+    monkeypatch.setattr(torchvision.models.vgg, 'vgg19', lambda *a, **k: torchvision.models.vgg19(weights=None))
+    monkeypatch.chdir(tmp_path)  # BasicSR looks for experiments/pretrained_models/vgg19-*.pth here first
+    opt = load_like_basicsr(os.path.join(TABLE2, f'train_D2C-VGG_RealSR_x{scale}.yml'), tmp_path)
+    metrics = opt['val']['metrics']
+    assert list(metrics) == ['psnr', 'ssim', 'lpips']
+    assert metrics['lpips'] == {
+        'type': 'calculate_lpips',
+        'crop_border': 0,
+        'net': 'alex',
+        'version': '0.1',
+        'better': 'lower'
+    }
+    percep = opt['train']['perceptual_opt']
+    assert percep['type'] == 'PerceptualLoss' and percep['layer_weights'] == {'conv5_4': 1.0}
+    if scale != 4:  # one full build is enough: the files differ only in the scale (checked above)
+        return
+    opt['network_g'].update(TINY_D2C)
+    model = build_model(opt)
+    assert model.cri_perceptual is not None and attempts == []
+    convergence_start = opt['train']['phases'][0]['iters'] + 1
+    torch.manual_seed(0)
+    model.feed_data({'lq': torch.rand(2, 3, 8, 8), 'gt': torch.rand(2, 3, 32, 32)})
+    model.optimize_parameters(convergence_start)
+    assert model.log_dict['l_percep'] > 0 and 'l_conv' in model.log_dict
+
+
+def _tiny_test_option(tmp_path, metrics):
+    """options/table2/test_D2C-VGG_RealSR_x4.yml on a tiny D2CNet and two 32x32 pairs."""
+    from conftest import make_pairs
+    from test_infer import save_model
+    pth, _, _ = save_model(str(tmp_path), seed=4)
+    hr_dir, lr_dir = make_pairs(str(tmp_path / 'data'), num=2, hr_size=32)
+    with open(os.path.join(TABLE2, 'test_D2C-VGG_RealSR_x4.yml')) as f:
+        opt = yaml.safe_load(f)
+    opt.update(num_gpu=0)
+    opt['datasets']['test_1'].update(dataroot_gt=hr_dir, dataroot_lq=lr_dir)
+    opt['network_g'].update(TINY_D2C)
+    opt['path']['pretrain_network_g'] = pth
+    opt['val'].update(pbar=False, metrics=metrics)
+    return write_yaml(tmp_path / 'test.yml', opt), opt
+
+
+def _d2c_test(tmp_path, yml, torch_home):
+    env = dict(os.environ, TORCH_HOME=str(torch_home))
+    return subprocess.run([sys.executable, '-m', 'd2c_tools.test', '-opt', yml],
+                          cwd=str(tmp_path),
+                          capture_output=True,
+                          text=True,
+                          timeout=300,
+                          env=env)
+
+
+@pytest.mark.slow
+def test_d2c_test_reports_lpips_from_the_torch_cache(offline, tmp_path):
+    """d2c-test with the Table 2 test file (LPIPS on SqueezeNet, whose file is made here) logs the
+    LPIPS of the saved images; with the file missing it stops with one line, exit 2."""
+    hub, _ = offline
+    torch_home = tmp_path / 'torch_home'
+    checkpoints = torch_home / 'hub' / 'checkpoints'
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(11)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), checkpoints / SQUEEZE_FILE)
+    metrics = {'lpips': {'type': 'calculate_lpips', 'net': 'squeeze', 'download': False, 'better': 'lower'}}
+    yml, opt = _tiny_test_option(tmp_path, metrics)
+    result = _d2c_test(tmp_path, yml, torch_home)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    log = next((tmp_path / 'results' / opt['name']).glob('*.log')).read_text()
+    logged = float(re.search(r'# lpips: ([0-9.]+)', log).group(1))
+    torch.hub.set_dir(str(torch_home / 'hub'))  # the same file, read in this process
+    folder = tmp_path / 'results' / opt['name'] / 'visualization' / opt['datasets']['test_1']['name']
+    scores = [
+        pm.calculate_lpips(
+            cv2.imread(str(folder / f'img{i}_{opt["name"]}.png')),
+            cv2.imread(str(tmp_path / 'data' / 'HR' / f'img{i}.png')),
+            net='squeeze',
+            download=False,
+            device='cpu') for i in range(2)
+    ]
+    assert logged == pytest.approx(np.mean(scores), abs=1e-4)
+
+    (checkpoints / SQUEEZE_FILE).unlink()
+    result = _d2c_test(tmp_path, yml, torch_home)
+    assert result.returncode == 2
+    assert (f'd2c-test: error: calculate_lpips (net squeeze) needs the weight file {SQUEEZE_FILE} in {checkpoints} '
+            '(download: false)') in result.stderr
+    assert 'Traceback' not in result.stderr
