@@ -30,7 +30,7 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/python -m pip install $(TORCH_PKGS)
 	# basicsr 1.4.2 ships only a source archive whose setup.py imports torch
 	$(BIN)/python -m pip install --no-build-isolation "basicsr==1.4.2"
-	$(BIN)/python -m pip install --no-build-isolation -e ".[test,onnx,openvino,spandrel]"
+	$(BIN)/python -m pip install --no-build-isolation -e ".[test,onnx,openvino,spandrel,perceptual]"
 	touch $(STAMP)
 
 # the code the style covers (settings in pyproject.toml)

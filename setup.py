@@ -45,12 +45,14 @@ setup(
     install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb'],
     # the lint tools are pinned so that `make lint` gives the same verdict everywhere; yapf comes with basicsr
     # onnx: d2c-export and `d2c-infer --backend onnxruntime`; openvino: `--backend openvino` (the fastest measured
-    # on CPUs, what `--backend auto` takes when installed); spandrel: loading D2C checkpoints in chaiNNer / ComfyUI
+    # on CPUs, what `--backend auto` takes when installed); spandrel: loading D2C checkpoints in chaiNNer / ComfyUI;
+    # perceptual: the LPIPS (lpips, the reference implementation the paper's Table 2 used) and DISTS (piq) metrics
     extras_require={
         'test': ['pytest', 'ruff==0.17.6', 'yapf==0.43.0'],
         'onnx': ['onnx>=1.16', 'onnxscript>=0.3', 'onnxruntime>=1.18'],
         'openvino': ['openvino>=2024.0', 'onnx>=1.16', 'onnxscript>=0.3'],
         'spandrel': ['spandrel>=0.4'],
+        'perceptual': ['lpips>=0.1.4', 'piq>=0.8'],
     },
     entry_points={
         'console_scripts': [

@@ -35,9 +35,11 @@ from d2c_utils.dan_infer_util import load_dan, model_type
 from d2c_utils.errors import ImageError, UserError, command_line_tool, report_user_error
 from d2c_utils.img_util import DEFAULT_MAX_PIXELS, list_inputs
 from d2c_utils.infer_util import (
+    PERCEPTUAL_METRICS,
     OutputOptions,
     earlier_outputs,
     nonfinite_weights,
+    prepare_perceptual,
     process_image,
     select_device,
     select_precision,
@@ -177,6 +179,15 @@ def parse_args(argv):
         default=None,
         help='ground-truth folder (same file names): print Y-PSNR/SSIM of bicubic, each branch, '
         'fused and the oracle fusion and write <output>/metrics.csv')
+    extra.add_argument(
+        '--perceptual',
+        nargs='+',
+        default=[],
+        choices=PERCEPTUAL_METRICS,
+        metavar='METRIC',
+        help='with --reference: also LPIPS (alex, v0.1: the D2C-SR paper\'s Table 2) and/or DISTS of every image, '
+        f'lower is better ({", ".join(PERCEPTUAL_METRICS)}; pip install "d2c-sr[perceptual]"; the backbone weights '
+        'come from the torch hub cache)')
     io.add_argument(
         '--max-pixels',
         type=int,
@@ -196,6 +207,8 @@ def parse_args(argv):
         parser.error('--outscale must be positive')
     if args.reference and not os.path.isdir(args.reference):
         parser.error(f'--reference: folder not found: {args.reference}')
+    if args.perceptual and not args.reference:
+        parser.error('--perceptual needs --reference HR_DIR (the images to compare with)')
     return args
 
 
@@ -314,6 +327,7 @@ def main(argv=None):
         if broken:
             raise UserError(f'{args.model}: the weights hold NaN/inf values ({broken}); the checkpoint is broken '
                             '(training diverged?): use an earlier checkpoint')
+        prepare_perceptual(args.perceptual, device)  # a missing weight file stops here, before any image
         try:
             os.makedirs(args.output, exist_ok=True)
         except OSError as err:
@@ -361,7 +375,7 @@ def main(argv=None):
         if metrics is not None:
             rows.append((os.path.basename(path), metrics))
     if rows:
-        write_metrics(args.output, rows)
+        write_metrics(args.output, rows, args.perceptual)
     print(f'{len(inputs) - len(failed)} of {len(inputs)} image(s) written to {args.output}')
     if failed:
         print(f'{PROG}: {len(failed)} input(s) skipped: {", ".join(failed)}', file=sys.stderr)

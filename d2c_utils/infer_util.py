@@ -1,8 +1,8 @@
 """Super-resolving image files with a D2CNet: what ``d2c-infer`` does, as library functions.
 
 One image file in, its outputs written: the SR image in the input's kind (gray, RGB, RGBA; 8
-or 16 bit), optionally every branch, the weight maps and a grid picture, and Y-PSNR/SSIM against
-a reference image.
+or 16 bit), optionally every branch, the weight maps and a grid picture, and Y-PSNR/SSIM (and,
+on request, LPIPS/DISTS) against a reference image.
 """
 import csv
 import io
@@ -22,6 +22,7 @@ d2c_compat.apply()
 
 from basicsr.utils import tensor2img  # noqa: E402
 from d2c_arch import DAN  # noqa: E402
+from d2c_metrics.perceptual_metric import calculate_dists, calculate_lpips, dists_network, lpips_network  # noqa: E402
 from .dan_infer_util import FixedKernelRestorer, estimate_kernel  # noqa: E402
 from .errors import ImageError, UserError  # noqa: E402
 from .eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
@@ -48,6 +49,7 @@ class OutputOptions:
         save_weights (bool): Also write the weight heatmaps and the grid picture.
         grid_size (int): Longest side of a grid cell; 0 = full size.
         reference (str | None): Folder of ground-truth images with the same file names.
+        perceptual (tuple[str]): Perceptual metrics against the reference too: 'lpips', 'dists'.
         kernel_crop (int): DAN: side of the central LR window the kernel is estimated on (0: all).
         save_kernel (bool): DAN: also write the estimated kernel (``_kernel.png``, ``_kernel.npy``).
         samples, temperature, seed, downscale: SDFlow (see :mod:`d2c_utils.sdflow_infer_util`).
@@ -65,6 +67,7 @@ class OutputOptions:
     save_weights: bool = False
     grid_size: int = 512
     reference: str = None
+    perceptual: tuple = ()
     kernel_crop: int = 256
     save_kernel: bool = False
     samples: int = 1
@@ -139,15 +142,32 @@ def select_precision(precision, device, warn):
         raise UserError(f'--precision {precision}: {err}') from None
 
 
-def reference_metrics(ref_path, lq, sr, branches, scale):
+# d2c-infer --perceptual: name -> (BasicSR metric on uint8 BGR images, the function building its network)
+PERCEPTUAL_METRICS = ('lpips', 'dists')
+_PERCEPTUAL = {'lpips': (calculate_lpips, lpips_network), 'dists': (calculate_dists, dists_network)}
+
+
+def prepare_perceptual(names, device):
+    """Build the networks of the perceptual metrics ``names`` on ``device`` now (their defaults: LPIPS alex v0.1).
+
+    Raises:
+        UserError: the package is not installed or a weight file is missing (one line naming it).
+    """
+    for name in names:
+        _PERCEPTUAL[name][1](device=str(device))
+
+
+def reference_metrics(ref_path, lq, sr, branches, scale, perceptual=()):
     """Y-PSNR/SSIM (BasicSR, crop_border = scale) of bicubic, each branch, fused and oracle.
 
     Args:
         ref_path (str): Ground-truth image, size (sH, sW).
         lq (Tensor): (1, 3, H, W) input; sr (1, 3, sH, sW); branches (1, P, 3, sH, sW).
+        perceptual (sequence[str]): Also these metrics of :data:`PERCEPTUAL_METRICS`, on the whole
+            image (no border shaved), networks on the device of ``sr``.
 
     Returns:
-        dict[str, tuple[float, float]]: method -> (psnr, ssim), in the order bicubic,
+        dict[str, tuple[float, ...]]: method -> (psnr, ssim, *perceptual), in the order bicubic,
         branch1..P, fused, oracle (bicubic and fused only when ``branches`` is None: DAN).
         Images are compared as 8-bit BGR, as BasicSR does.
     """
@@ -162,7 +182,13 @@ def reference_metrics(ref_path, lq, sr, branches, scale):
     else:
         images += [(f'branch{i + 1}', tensor2img(branches[:, i])) for i in range(branches.size(1))]
         images += [('fused', tensor2img(sr)), ('oracle', tensor2img(oracle_fusion(branches, hr)))]
-    return {name: psnr_ssim_y(img, hr8, crop_border=scale) for name, img in images}
+    device = str(sr.device)
+    return {
+        name:
+        psnr_ssim_y(img, hr8, crop_border=scale) + tuple(_PERCEPTUAL[metric][0](img, hr8, device=device)
+                                                         for metric in perceptual)
+        for name, img in images
+    }
 
 
 def write_grid(path, lq, branches, weights, sr, scale, max_side):
@@ -253,32 +279,39 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
     if ref_path is None:
         return None
     try:
-        return reference_metrics(ref_path, lq, sr, branches, scale)
+        return reference_metrics(ref_path, lq, sr, branches, scale, options.perceptual)
     except ImageError as err:
         tqdm.write(f'{prog}: warning: {err}', file=sys.stderr)
         return None
 
 
-def write_metrics(out_dir, rows):
-    """Print a table of Y-PSNR/SSIM per image and the mean; write ``metrics.csv``.
+def write_metrics(out_dir, rows, perceptual=()):
+    """Print a table of Y-PSNR/SSIM (and the perceptual metrics) per image and the mean; write ``metrics.csv``.
 
     Args:
-        rows (list[tuple[str, dict]]): (image file name, method -> (psnr, ssim)).
+        rows (list[tuple[str, dict]]): (image file name, method -> (psnr, ssim, *perceptual)).
+        perceptual (sequence[str]): Names of the values after (psnr, ssim), e.g. ('lpips', 'dists').
     """
     methods = list(rows[0][1])
-    means = {m: tuple(float(np.mean([r[m][j] for _, r in rows])) for j in range(2)) for m in methods}
+    keys = ('psnr_y', 'ssim_y') + tuple(perceptual)
+    means = {m: tuple(float(np.mean([r[m][j] for _, r in rows])) for j in range(len(keys))) for m in methods}
     csv_path = osp.join(out_dir, 'metrics.csv')
     text = io.StringIO(newline='')
     writer = csv.writer(text)
-    writer.writerow(['image'] + [f'{m}_{k}' for m in methods for k in ('psnr_y', 'ssim_y')])
+    writer.writerow(['image'] + [f'{m}_{k}' for m in methods for k in keys])
     for name, row in rows + [('mean', means)]:
-        writer.writerow([name] + [f'{row[m][j]:.4f}' for m in methods for j in range(2)])
+        writer.writerow([name] + [f'{row[m][j]:.4f}' for m in methods for j in range(len(keys))])
     atomic_write_bytes(csv_path, text.getvalue().encode('utf-8'))
     width = max(12, max(len(name) for name, _ in rows) + 1)
-    print(f'\nY-channel PSNR (dB) / SSIM, BasicSR, border of `scale` pixels shaved ({len(rows)} image(s)):')
-    print(f'{"image":{width}s}' + ''.join(f'{m:>16s}' for m in methods))
+    cell = 16 + 7 * len(perceptual)
+    names = [name.upper() for name in perceptual]
+    note = f' ({", ".join(names)}: whole image, lower is better)' if names else ''
+    print(f'\nY-channel PSNR (dB) / SSIM{"".join(" / " + n for n in names)}, BasicSR, border of `scale` pixels '
+          f'shaved{note} ({len(rows)} image(s)):')
+    print(f'{"image":{width}s}' + ''.join(f'{m:>{cell}s}' for m in methods))
     for name, row in rows + [('mean', means)]:
-        print(f'{name:{width}s}' + ''.join(f'{row[m][0]:.2f}/{row[m][1]:.4f}'.rjust(16) for m in methods))
+        cells = [f'{row[m][0]:.2f}/{row[m][1]:.4f}' + ''.join(f'/{v:.4f}' for v in row[m][2:]) for m in methods]
+        print(f'{name:{width}s}' + ''.join(c.rjust(cell) for c in cells))
     print(f'Metrics written to {csv_path}')
 
 

@@ -57,6 +57,17 @@ downscaling, so its kernel error against these is not meaningful. ``--downsample
 DANv2's setting-2 training degradation instead: a centred kernel of side 11 (x2) / 21 (x3) / 31 (x4)
 from :func:`d2c_utils.kernel_util.sample_kernels`, blur + bicubic; there the kernel error is meaningful.
 
+**kernels** (Gaussian8 sets in the official naming): DAN's ``generate_mod_blur_LR_bic.py`` writes
+``HR/x<s>/sig<sigma>_<name>.png`` and ``LRblur/x<s>/sig<sigma>_<name>.png`` (``sigma`` as Python prints
+the linspace value: ``sig1.8_baby.png``, ``sig2.4000000000000004_baby.png``), which ``PairedImageDataset``
+pairs as they are (same names in both folders). This mode reads such an LR folder and writes the
+kernel of every image (isotropic, the width from its name, side ``--kernel-size``) and, per width,
+the list of its images for ``meta_info_file`` (the per-width breakdown)::
+
+    <out>/<stem>.npy, .png                     kernel of <stem>.png (dataroot_kernel)
+    <out>/meta_info_sigma<s>.txt               the file names of width <s> (2 decimals)
+    <out>/make_blur_testset.json
+
 Images smaller than the kernel (after the mod-crop) and unreadable files are skipped with a
 warning and listed at the end (exit status 1); the others are written. Everything is written into
 ``<out>.tmp-<pid>`` next to ``<out>`` and moved into place when complete, so an interrupted or failed
@@ -72,12 +83,14 @@ Examples::
         --output datasets/Set5_gaussian8_x4
     python scripts/make_blur_testset.py div2krk --input datasets/DIV2K/DIV2K_valid_HR --scale 4 \\
         --output datasets/DIV2KRK_gen_x4 --seed 0
+    python scripts/make_blur_testset.py kernels --input datasets/Set5/LRblur/x4 --output datasets/Set5/kernels_x4
 """
 import argparse
 import json
 import math
 import os
 import os.path as osp
+import re
 import shutil
 import signal
 import sys
@@ -102,6 +115,8 @@ NUM_SIGMAS = 8
 GAUSSIAN8_KERNEL = 21  # DAN's setting-1 kernel side
 DIV2KRK_BASE = 11  # KernelGAN's x2 kernel side; x4 composes it to 3 * 11 - 2 = 31
 NEWTON_STEPS = 50
+# DAN's official Gaussian8 file names: sig<sigma>_<name> ('{}'.format of the linspace value)
+OFFICIAL_NAME = re.compile(r'sig(?P<sigma>\d+(?:\.\d+)?)_(?P<name>.+)')
 
 
 # ----------------------------------------------------------------------------
@@ -161,6 +176,21 @@ def build_parser():
         default=kernel_util.ANISO_NOISE,
         help=f'every tap times 1 + U(0, noise) (default {kernel_util.ANISO_NOISE})')
     rk.add_argument('--seed', type=int, default=0, help='random seed: the same seed gives the same set (default 0)')
+    kn = modes.add_parser(
+        'kernels',
+        help='kernels of a Gaussian8 set in the official naming (sig<sigma>_<name>), for the kernel error',
+        description='Write the isotropic kernel of every LR image of a Gaussian8 set in the official naming '
+        '(DAN\'s generate_mod_blur_LR_bic.py: sig<sigma>_<name>.png, the width in the name) and per width the '
+        'list of its images, so that DANModel reports the kernel error and the per-width breakdown.',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='output: <out>/<stem>.npy and .png per LR image (dataroot_kernel), <out>/meta_info_sigma<s>.txt '
+        '(meta_info_file of one width), <out>/make_blur_testset.json')
+    kn.add_argument('--input', '-i', required=True, help='folder of LR images named sig<sigma>_<name>.<ext>')
+    kn.add_argument('--output', '-o', required=True, help='kernel folder to write (must not exist or be empty)')
+    kn.add_argument(
+        '--kernel-size', type=int, default=GAUSSIAN8_KERNEL, help=f'kernel side, odd (default {GAUSSIAN8_KERNEL})')
+    kn.add_argument(
+        '--force', action='store_true', help='replace an output folder made by this script (after the new one is made)')
     return parser
 
 
@@ -206,9 +236,15 @@ def resolve(args):
             sigma_range=[args.sigma_min, args.sigma_max],
             noise=args.noise,
             seed=args.seed)
+    plan.update(_resolve_folders(args))
+    return plan
+
+
+def _resolve_folders(args, what='HR'):
+    """Check --input (images, distinct stems) and --output (free, or ours with --force); return input, output, files."""
     src = osp.abspath(args.input)
     if not osp.isdir(src):
-        raise UserError(f'--input {args.input} is not a folder (give the folder of HR images)')
+        raise UserError(f'--input {args.input} is not a folder (give the folder of {what} images)')
     files = sorted(
         e.name for e in os.scandir(src)
         if e.is_file() and not e.name.startswith('.') and osp.splitext(e.name)[1].lower() in IMG_EXTENSIONS)
@@ -237,8 +273,68 @@ def resolve(args):
     if osp.commonpath([src, out]) == out:
         raise UserError(f'--input {args.input} lies inside --output {args.output}, which would be replaced; choose '
                         'another --output')
-    plan.update(input=src, output=out, files=files)
+    return {'input': src, 'output': out, 'files': files}
+
+
+def resolve_kernels(args):
+    """The plan of the kernels mode: every --input file with its width; UserError for an unnamed one."""
+    if args.kernel_size < 3 or args.kernel_size % 2 != 1:
+        raise UserError(f'--kernel-size {args.kernel_size}: use an odd side of at least 3')
+    plan = {'mode': 'kernels', 'kernel_size': args.kernel_size, **_resolve_folders(args, 'LR')}
+    sigmas, unnamed = {}, []
+    for name in plan['files']:
+        match = OFFICIAL_NAME.fullmatch(osp.splitext(name)[0])
+        if match is None or float(match['sigma']) <= 0:
+            unnamed.append(name)
+        else:
+            sigmas[name] = float(match['sigma'])
+    if unnamed:
+        raise UserError(f'--input {args.input}: {len(unnamed)} file(s) not named sig<sigma>_<name> (the official '
+                        f'Gaussian8 naming), e.g. {unnamed[0]}; sets made by this script\'s gaussian8 mode have their '
+                        'kernels already')
+    plan['sigmas'] = sigmas
     return plan
+
+
+def make_kernels(plan):
+    """Write the kernels, the per-width meta_info files and the manifest of the kernels mode into the output."""
+    out = plan['output']
+    staging = f'{out}.tmp-{os.getpid()}'
+    if osp.lexists(staging):
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    writer, firsts, widths = Writer(staging), {}, {}
+    try:
+        for name in tqdm(plan['files'], desc='kernels', unit='image'):
+            sigma, stem = plan['sigmas'][name], osp.splitext(name)[0]
+            first = firsts.setdefault(sigma, stem)
+            writer.kernel(stem, kernel_util.isotropic_kernel(sigma, plan['kernel_size']),
+                          None if first == stem else first)
+            widths.setdefault(f'{sigma:.2f}', []).append(name)
+        if len(widths) != len(firsts):
+            raise UserError(f'--input {plan["input"]}: widths {sorted(firsts)} are not distinct at 2 decimals (the '
+                            'meta_info file names)')
+        for tag, names in widths.items():
+            with open(osp.join(staging, f'meta_info_sigma{tag}.txt'), 'w', encoding='utf-8') as f:
+                f.write(''.join(f'{name}\n' for name in names))
+        manifest = {
+            'tool': PROG,
+            'mode': 'kernels',
+            'input': plan['input'],
+            'kernel_size': plan['kernel_size'],
+            'sigmas': plan['sigmas'],
+            'meta_info': {
+                tag: f'meta_info_sigma{tag}.txt'
+                for tag in widths
+            }
+        }
+        with open(osp.join(staging, MANIFEST), 'w', encoding='utf-8') as f:
+            json.dump(manifest, f, indent=1)
+        commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return widths
 
 
 # ----------------------------------------------------------------------------
@@ -437,6 +533,12 @@ def main(argv=None):
     """Run the tool; return the exit status (argparse's own errors exit 2 through SystemExit)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.mode == 'kernels':
+            plan = resolve_kernels(args)
+            widths = make_kernels(plan)
+            print(f'wrote the kernels of {len(plan["files"])} image(s) ({len(widths)} widths: {", ".join(widths)}) '
+                  f'to {args.output}')
+            return 0
         plan = resolve(args)
     except UserError as err:
         return report_user_error(PROG, err)

@@ -2,19 +2,28 @@
 """Prepare paired real-world super-resolution data sets for BasicSR / D2C-SR.
 
 The tool pairs the HR and LR images of a real-world SR data set (RealSR V3,
-DRealSR, D2CRealSR, or any two folders), checks every pair, and writes::
+DRealSR, D2CRealSR, or any two folders) or of KernelGAN's DIV2KRK, checks every
+pair, and writes::
 
     <output>/<split>/HR/<key>.png           full-size HR (cropped to LR x scale if --allow-crop)
     <output>/<split>/LR/<key>.png           full-size LR, same file names as in HR/
     <output>/train/HR_sub/<key>_s001.png    HR sub-images                 (--crop-size)
     <output>/train/LR_sub/<key>_s001.png    matching LR sub-images        (--crop-size)
     <output>/<split>/HR.lmdb, LR.lmdb       BasicSR LMDBs                 (--lmdb)
+    <output>/test/kernels/<key>.npy         DIV2KRK's blur kernels        (--preset div2krk)
 
 ``<split>`` is ``train`` and/or ``test``. With ``--crop-size`` the train LMDBs
 hold the sub-images, otherwise the full-size images; the test split is never
 cropped. The LMDBs are made by BasicSR's own ``make_lmdb_from_imgs``, with one
 key list shared by HR and LR, so BasicSR's ``PairedImageDataset`` reads them
 with ``io_backend: {type: lmdb}``.
+
+DIV2KRK (``--preset div2krk``, KernelGAN's ``DIV2KRK_public``: ``gt/img_<n>_gt.png``,
+``lr_x2/`` and ``lr_x4/im_<n>.png``, ``gt_k_x2/`` and ``gt_k_x4/kernel_<n>.mat``) is a test
+split keyed ``<n>``: its LR PNGs are RGBA with an opaque alpha channel, which is dropped
+(``--drop-alpha``, on for this preset), and every ``kernel_<n>.mat`` (MATLAB 5, variable
+``Kernel``, read with scipy) is checked and written as ``kernels/<n>.npy`` (float32, normalised
+to sum 1), which DANModel reads as ``dataroot_kernel`` to report the kernel error.
 
 Bad data is reported file by file (missing partner, LR x scale not matching HR,
 unreadable or truncated images, 8/16-bit or gray/RGB/RGBA mixed within a pair
@@ -34,6 +43,8 @@ Examples::
     python scripts/prepare_data.py --preset generic --split test \\
         --hr-dir my/HR --lr-dir my/LR --lr-pattern '{key}_LR{scale}.png' \\
         --output datasets/mine_x4 --scale 4
+    python scripts/prepare_data.py --preset div2krk --input datasets/DIV2KRK_public \\
+        --output datasets/DIV2KRK_x4 --scale 4
 """
 import argparse
 import collections
@@ -75,7 +86,10 @@ PRESETS = {
     'drealsr': dict(scales=(2, 3, 4), default_scale=None, hr='{key}_x1.png', lr='{key}_x{scale}.png'),
     'd2crealsr': dict(scales=(8, ), default_scale=8, hr='{key}.png', lr='{key}.png'),
     'generic': dict(scales=None, default_scale=None, hr='{key}.{ext}', lr='{key}.{ext}'),
+    'div2krk': dict(scales=(2, 4), default_scale=None, hr='img_{key}_gt.png', lr='im_{key}.png'),
 }
+# DIV2KRK's kernels: <input>/gt_k_x<scale>/kernel_<key>.mat holding the variable Kernel
+DIV2KRK_KERNEL = ('gt_k_x{scale}', 'kernel_{key}.mat', 'Kernel')
 
 
 class Interrupted(Exception):
@@ -119,6 +133,9 @@ class Pair:
     lr: ImageInfo = None
     lr_size: tuple = None
     sub_keys: list = field(default_factory=list)
+    kernel_path: str = None  # DIV2KRK: its blur kernel (.mat)
+    kernel: np.ndarray = None  # ... as read and checked
+    alpha_dropped: set = field(default_factory=set)  # roles ('HR', 'LR') whose opaque alpha is dropped
 
 
 @dataclass
@@ -142,6 +159,8 @@ class Plan:
     crop: tuple  # (crop_size, step, thresh_size) or None
     output: str
     base: str  # paths in messages are shown relative to this folder
+    kernel_dir: str = None  # DIV2KRK: folder of kernel_<key>.mat
+    drop_alpha: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -154,9 +173,11 @@ input layouts (--input is the root):
              with <name>_x1.png (HR) and <name>_x<scale>.png (LR); <root> may also be the x<scale> folder
   d2crealsr  <root>/{train,test}/{HR,LR} with the same file names in HR and LR (x8)
   generic    --hr-dir and --lr-dir, one --split per call
+  div2krk    <root>/gt/img_<n>_gt.png, <root>/lr_x<scale>/im_<n>.png (RGBA), <root>/gt_k_x<scale>/kernel_<n>.mat
+             (KernelGAN's DIV2KRK; x2, x4; test split only; kernels written to <output>/test/kernels/<n>.npy)
 
 name templates take {key} (alias {stem}), {scale} and {ext}; regexes need a named group (?P<key>...).
-output: <output>/<split>/{HR,LR}[, HR_sub, LR_sub (train, --crop-size)][, HR.lmdb, LR.lmdb (--lmdb)]
+output: <output>/<split>/{HR,LR}[, HR_sub, LR_sub (train, --crop-size)][, HR.lmdb, LR.lmdb (--lmdb)][, kernels]
 exit codes: 0 ok, 1 bad data without --skip-bad (nothing written) or failure, 2 usage error,
             130/143 interrupted (nothing written)
 """
@@ -209,6 +230,11 @@ def build_parser():
         metavar='N',
         help='accept LR x scale differing from HR by up to N HR pixels; both are then cropped '
         'top-left aligned to the common size (HR = LR x scale)')
+    chk.add_argument(
+        '--drop-alpha',
+        action='store_true',
+        help='drop the alpha channel of RGBA (gray+alpha) images when it is fully opaque, e.g. DIV2KRK\'s LR PNGs '
+        '(on for --preset div2krk); images with transparent pixels are reported')
     chk.add_argument(
         '--skip-bad', action='store_true', help='write the good pairs and exit 0 even if some were skipped')
     chk.add_argument('--dry-run', action='store_true', help='check and report only; write nothing')
@@ -335,6 +361,11 @@ def _preset_dirs(preset, root, split, scale):
         _require_dir(hr_dir, f'D2CRealSR {split} HR')
         _require_dir(lr_dir, f'D2CRealSR {split} LR')
         return [(hr_dir, lr_dir)]
+    if preset == 'div2krk':
+        hr_dir, lr_dir = osp.join(root, 'gt'), osp.join(root, f'lr_x{scale}')
+        _require_dir(hr_dir, 'DIV2KRK gt/ (img_<n>_gt.png)')
+        _require_dir(lr_dir, f'DIV2KRK lr_x{scale}/ (im_<n>.png)')
+        return [(hr_dir, lr_dir)]
     raise AssertionError(preset)
 
 
@@ -372,8 +403,16 @@ def make_plan(args):
             raise UserError(f'--input {args.input} is not a folder')
         root = osp.abspath(args.input)
         names = SPLITS if args.split in (None, 'all') else (args.split, )
+        if args.preset == 'div2krk':
+            if args.split == 'train':
+                raise UserError('--preset div2krk: DIV2KRK is a test set; use --split test (the default)')
+            names = ('test', )
         splits = [(split, _preset_dirs(args.preset, root, split, scale)) for split in names]
         base = root
+    kernel_dir = None
+    if args.preset == 'div2krk':
+        kernel_dir = osp.join(base, DIV2KRK_KERNEL[0].format(scale=scale))
+        _require_dir(kernel_dir, f'DIV2KRK kernels {DIV2KRK_KERNEL[1]}')
     # pairing patterns
     if args.regex and (args.hr_regex or args.lr_regex):
         raise UserError('--regex sets both sides; do not combine it with --hr-regex/--lr-regex')
@@ -436,7 +475,9 @@ def make_plan(args):
         lr_desc=regexes['lr'][1],
         crop=crop,
         output=output,
-        base=base)
+        base=base,
+        kernel_dir=kernel_dir,
+        drop_alpha=args.drop_alpha or args.preset == 'div2krk')
 
 
 # ----------------------------------------------------------------------------
@@ -537,14 +578,69 @@ def align_sizes(hr, lr, scale, allow_crop):
     return None, detail
 
 
-def inspect_pair(pair, scale, allow_crop, crop):
-    """Decode both images of ``pair`` and check them; fill pair.hr/lr/lr_size. Return a list of Problems."""
+def read_kernel_mat(path, variable=DIV2KRK_KERNEL[2]):
+    """A blur kernel from a MATLAB file (DIV2KRK's ``kernel_<n>.mat``): (l, l) float32, normalised to sum 1.
+
+    Raises:
+        ImageError: unreadable file (kind 'unreadable'), no such variable, not a square kernel of odd
+            side, non-finite taps or a sum that is not positive (kind 'bad kernel').
+    """
+    from scipy.io import loadmat  # only DIV2KRK needs scipy (installed with basicsr)
+    try:
+        data = loadmat(path)
+    except Exception as err:  # scipy raises ValueError, TypeError, MatReadError, ... for damaged files
+        raise ImageError(f'not a MATLAB file scipy can read ({type(err).__name__}: {err})') from None
+    if variable not in data:
+        names = sorted(k for k in data if not k.startswith('__'))
+        raise ImageError(f'no variable {variable!r} (it holds {", ".join(names) or "nothing"})', 'bad kernel')
+    kernel = np.asarray(data[variable], dtype=np.float64)
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 != 1:
+        raise ImageError(f'{variable} has shape {kernel.shape}; a blur kernel is square with an odd side', 'bad kernel')
+    total = kernel.sum()
+    if not np.isfinite(kernel).all() or total <= 0:
+        raise ImageError(
+            f'{variable} has non-finite taps or sums to {total:g}; expected non-negative taps summing '
+            'to 1', 'bad kernel')
+    return (kernel / total).astype(np.float32)
+
+
+def _opaque(img):
+    """True if ``img`` (H, W, 4) has its alpha channel at the maximum everywhere."""
+    return bool((img[..., 3] == np.iinfo(img.dtype).max).all())
+
+
+def inspect_pair(pair, scale, allow_crop, crop, drop_alpha=False):
+    """Decode both images of ``pair`` and check them (and its kernel); fill pair.hr/lr/lr_size. Return Problems.
+
+    With ``drop_alpha`` an RGBA image whose alpha is fully opaque counts as RGB (``write_pair``
+    drops the channel); one with transparent pixels is a problem.
+    """
     problems, infos = [], {}
     for role, path in (('HR', pair.hr_path), ('LR', pair.lr_path)):
         try:
-            infos[role] = ImageInfo.from_array(read_image(path))
+            img = read_image(path)
         except ImageError as err:
             problems.append(Problem(pair.split, [path], err.kind, f'{role}: {err}'))
+            continue
+        if drop_alpha and img.ndim == 3 and img.shape[2] == 4:
+            if not _opaque(img):
+                problems.append(
+                    Problem(
+                        pair.split, [path], 'transparent alpha',
+                        f'{role}: --drop-alpha drops only fully opaque alpha channels; this one has '
+                        'transparent pixels: flatten the image yourself'))
+                continue
+            img = img[..., :3]
+            pair.alpha_dropped.add(role)
+        infos[role] = ImageInfo.from_array(img)
+    if pair.kernel_path:
+        if not osp.isfile(pair.kernel_path):
+            problems.append(Problem(pair.split, [pair.kernel_path], 'no kernel', 'kernel file missing'))
+        else:
+            try:
+                pair.kernel = read_kernel_mat(pair.kernel_path)
+            except ImageError as err:
+                problems.append(Problem(pair.split, [pair.kernel_path], err.kind, f'kernel: {err}'))
     if problems:
         return problems
     pair.hr, pair.lr = infos['HR'], infos['LR']
@@ -633,16 +729,20 @@ def write_pair(pair, split_dir, scale, crop, compress_level):
     arrays = {}
     for role, src, info, h, w in targets:
         dst = osp.join(split_dir, role, f'{pair.key}.png')
-        as_is = (info.h, info.w) == (h, w) and src.lower().endswith('.png')
+        as_is = (info.h, info.w) == (h, w) and src.lower().endswith('.png') and role not in pair.alpha_dropped
         if as_is and not do_crop:
             shutil.copyfile(src, dst)  # bit-exact and much faster than decode + encode
             continue
         img = _load_checked(src)[:h, :w]
+        if role in pair.alpha_dropped:
+            img = img[..., :3]
         arrays[role] = img
         if as_is:
             shutil.copyfile(src, dst)
         else:
             _write_png(dst, img, compress_level)
+    if pair.kernel is not None:
+        np.save(osp.join(split_dir, 'kernels', f'{pair.key}.npy'), pair.kernel)
     if not do_crop:
         return []
     crop_size, step, thresh_size = crop
@@ -843,8 +943,11 @@ def main(argv=None):
         split_pairs, split_problems = collect_pairs(split, dir_pairs, plan)
         pairs += split_pairs
         problems += split_problems
-    results = run_parallel(lambda p: inspect_pair(p, plan.scale, args.allow_crop, plan.crop), pairs, args.workers,
-                           'Check')
+    if plan.kernel_dir:
+        for pair in pairs:
+            pair.kernel_path = osp.join(plan.kernel_dir, DIV2KRK_KERNEL[1].format(key=pair.key))
+    results = run_parallel(lambda p: inspect_pair(p, plan.scale, args.allow_crop, plan.crop, plan.drop_alpha), pairs,
+                           args.workers, 'Check')
     good = []
     for pair, pair_problems in zip(pairs, results):
         problems += pair_problems
@@ -887,6 +990,8 @@ def main(argv=None):
                 split_dir = osp.join(tmp_root, split)
                 crop = plan.crop if split == 'train' else None
                 folders = ('HR', 'LR', 'HR_sub', 'LR_sub') if crop else ('HR', 'LR')
+                if plan.kernel_dir:
+                    folders += ('kernels', )
                 for folder in folders:
                     os.makedirs(osp.join(split_dir, folder))
                 split_pairs = pairs_by_split[split]
@@ -925,6 +1030,8 @@ def main(argv=None):
             layout += [f'{split}/HR_sub', f'{split}/LR_sub']
         if args.lmdb:
             layout += [f'{split}/HR.lmdb', f'{split}/LR.lmdb']
+        if plan.kernel_dir:
+            layout.append(f'{split}/kernels')
     print_summary(plan, pairs_by_split, problems, True, f'Output: {plan.output}: {", ".join(layout)}')
     return 0
 
