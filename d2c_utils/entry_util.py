@@ -164,8 +164,7 @@ def run_pipeline(pipeline, prog):
     final_validation_iter()
     try:
         pipeline(os.getcwd())
-    except KeyboardInterrupt:
-        remove_failed_start()
+    except KeyboardInterrupt:  # the log of an interrupted run is kept, whatever it holds
         sys.exit(report_interrupt(prog))
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError, OSError) as err:
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and not is_disk_full(err):
