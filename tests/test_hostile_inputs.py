@@ -634,3 +634,16 @@ def test_swap_sizing_search_is_bounded(monkeypatch):
     assert params <= 2_000_000 and len(calls) < 60
     # the result is the deepest path, then the widest width, that fits (what a scan would find)
     assert count(dict(opt, num_feat=opt['num_feat'] + 8)) > 2_000_000 or opt['num_feat'] == 4096
+
+
+def test_converter_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    from test_convert_official import _variant, random_official, write_pickle
+
+    from d2c_tools import convert_official
+    src = write_pickle(tmp_path / 'off.pkl',
+                       _variant(*random_official(4, seed=4, nf=8, ng=1, nb=1, reduction=4), lambda d, c: None))
+    monkeypatch.setattr(os, 'fsync', enospc)
+    assert convert_official.main([str(src), str(tmp_path / 'out.pth'), '--opt-out', str(tmp_path / 'o.yml')]) == 2
+    err = capsys.readouterr().err
+    assert 'd2c-convert-official: error: disk full: cannot write' in err and 'Traceback' not in err
+    assert os.listdir(tmp_path) == ['off.pkl']
