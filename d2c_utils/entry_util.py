@@ -156,14 +156,15 @@ def run_pipeline(pipeline, prog):
     with status 1, Ctrl-C with 130; set D2C_SR_TRACEBACK=1 to see the traceback. A run that
     failed before writing anything but logs leaves no experiments/<name>/ (results/<name>/).
     """
-    pipeline.__globals__['parse_options'] = checked_parse_options(
-        getattr(pipeline.__globals__['parse_options'], 'wrapped', pipeline.__globals__['parse_options']))
+    names = pipeline.__globals__
+    if 'parse_options' in names:  # BasicSR's train and test pipelines
+        names['parse_options'] = checked_parse_options(
+            getattr(names['parse_options'], 'wrapped', names['parse_options']))
     data_guard.apply()
     final_validation_iter()
     try:
         pipeline(os.getcwd())
-    except KeyboardInterrupt:
-        remove_failed_start()
+    except KeyboardInterrupt:  # the log of an interrupted run is kept, whatever it holds
         sys.exit(report_interrupt(prog))
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError, OSError) as err:
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and not is_disk_full(err):

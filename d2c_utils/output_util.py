@@ -29,6 +29,8 @@ NEARLY_FULL_BYTES = 64 << 10
 TEMP_PATTERN = re.compile(r'^\..+\.d2c-(\d+)-[^.]+\.tmp$')
 # a temporary file of a process that is still alive is left alone unless it is this old
 STALE_TEMP_SECONDS = 24 * 3600
+# folders this process has already cleaned (atomic_write cleans a folder once, not at every file)
+_CLEANED = set()
 
 
 class DiskFullError(UserError):
@@ -135,7 +137,9 @@ def atomic_write(path, write):
     folder = osp.dirname(osp.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        remove_stale_temps(folder)
+        if folder not in _CLEANED:
+            remove_stale_temps(folder)
+            _CLEANED.add(folder)
         fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.d2c-{os.getpid()}-', suffix='.tmp', dir=folder)
         os.close(fd)
     except OSError as err:

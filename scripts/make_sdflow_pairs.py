@@ -36,6 +36,7 @@ import d2c_model  # noqa: F401  (registers SDFlow; applies the compat shim befor
 from d2c_data.unpaired_image_dataset import IMAGE_SUFFIXES
 from d2c_utils.errors import UserError
 from d2c_utils.infer_util import select_device, select_precision
+from d2c_utils.output_util import atomic_write_bytes
 from d2c_utils.precision_util import autocast
 from d2c_utils.sdflow_infer_util import load_sdflow
 
@@ -87,7 +88,7 @@ def write_png(path, img):
     ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise UserError(f'OpenCV could not encode {path}')
-    buf.tofile(path)
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def make_pairs(args, net, device, dtype, tmp_dir):

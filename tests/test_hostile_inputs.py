@@ -593,3 +593,57 @@ def test_dan_checkpoint_with_zero_pca_is_refused_at_load(tmp_path, capsys):
     assert run_infer('-i', src, '-o', tmp_path / 'out', '--model', pth) == 2
     err = capsys.readouterr().err
     assert 'its PCA matrix (the buffer pca_matrix) is all zeros' in err and 'Traceback' not in err
+
+
+def test_training_save_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_data, monkeypatch,
+                                                                                capsys):
+    from test_model import in_process_opt
+
+    from basicsr.models import build_model
+    from d2c_utils.entry_util import run_pipeline
+    opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ))
+    os.makedirs(opt['path']['models'])
+    os.makedirs(opt['path']['training_states'])
+    model = build_model(opt)
+    model.save(epoch=0, current_iter=1)
+    models = opt['path']['models']
+    before = {name: os.path.getsize(os.path.join(models, name)) for name in os.listdir(models)}
+    monkeypatch.setattr(os, 'fsync', enospc)
+
+    def pipeline(root_path):
+        model.save(epoch=0, current_iter=2)
+
+    with pytest.raises(SystemExit) as exc:
+        run_pipeline(pipeline, 'd2c-train')
+    assert exc.value.code == 2
+    assert 'd2c-train: error: disk full: cannot write' in capsys.readouterr().err
+    assert {name: os.path.getsize(os.path.join(models, name)) for name in os.listdir(models)} == before
+    assert not [
+        n for folder in (opt['path']['models'], opt['path']['training_states'])
+        for n in os.listdir(folder) if n.endswith('.tmp')
+    ]
+
+
+def test_swap_sizing_search_is_bounded(monkeypatch):
+    from d2c_utils import swap_util
+    calls = []
+    count = swap_util.count_d2c_parameters
+    monkeypatch.setattr(swap_util, 'count_d2c_parameters', lambda opt: (calls.append(1), count(opt))[1])
+    base = dict(branch_type='EDSRBranch', num_feat=4096, tree_depth=2, tree_width=2, upscale=4)
+    opt, params = swap_util.size_counterpart(base, 64, 'num_block', budget=2_000_000)
+    assert params <= 2_000_000 and len(calls) < 60
+    # the result is the deepest path, then the widest width, that fits (what a scan would find)
+    assert count(dict(opt, num_feat=opt['num_feat'] + 8)) > 2_000_000 or opt['num_feat'] == 4096
+
+
+def test_converter_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    from test_convert_official import _variant, random_official, write_pickle
+
+    from d2c_tools import convert_official
+    src = write_pickle(tmp_path / 'off.pkl',
+                       _variant(*random_official(4, seed=4, nf=8, ng=1, nb=1, reduction=4), lambda d, c: None))
+    monkeypatch.setattr(os, 'fsync', enospc)
+    assert convert_official.main([str(src), str(tmp_path / 'out.pth'), '--opt-out', str(tmp_path / 'o.yml')]) == 2
+    err = capsys.readouterr().err
+    assert 'd2c-convert-official: error: disk full: cannot write' in err and 'Traceback' not in err
+    assert os.listdir(tmp_path) == ['off.pkl']
