@@ -188,6 +188,36 @@ def dists_network(device='auto', download=True):
     return NETWORKS[key]
 
 
+def check_weight_files(metrics_opt):
+    """Make sure the weight files of the LPIPS/DISTS metrics in ``metrics_opt`` are in the torch hub cache.
+
+    Called by d2c-train and d2c-test before BasicSR starts, so that a missing file stops the run at
+    once instead of at the first validation, hours later. Only files are checked (and fetched where
+    allowed); the networks are built on first use.
+
+    Args:
+        metrics_opt (dict | None): ``val.metrics`` of an option file: name -> {type: ..., ...}.
+
+    Raises:
+        UserError: the package is missing, an option is wrong or a file cannot be had (one line).
+    """
+    for name, metric in (metrics_opt or {}).items():
+        if not isinstance(metric, dict) or metric.get('type') not in ('calculate_lpips', 'calculate_dists'):
+            continue
+        download = metric.get('download', True)
+        if metric['type'] == 'calculate_lpips':
+            net = metric.get('net', 'alex')
+            if net not in LPIPS_BACKBONES:
+                raise UserError(f'val.metrics.{name}: net {net!r}; use one of {sorted(LPIPS_BACKBONES)}')
+            _import('lpips', 'calculate_lpips')
+            ensure_weight_files([_backbone_url(net)], f'calculate_lpips (net {net})', download)
+        else:
+            piq = _import('piq', 'calculate_dists')
+            import torchvision
+            ensure_weight_files([torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, piq.DISTS._weights_url],
+                                'calculate_dists', download)
+
+
 def image_tensor(img, input_order, crop_border, name):
     """BasicSR's metric input -> (1, 3, H, W) float32 RGB tensor in [0, 1].
 

@@ -8,6 +8,7 @@ from os import path as osp
 
 import torch
 import torch.distributed as dist
+import yaml
 
 import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
 
@@ -15,6 +16,7 @@ d2c_compat.apply()
 
 from basicsr.utils import options as basicsr_options  # noqa: E402
 from basicsr.utils.misc import check_resume  # noqa: E402
+from .errors import UserError, report_user_error  # noqa: E402
 
 TRACEBACK_ENV = 'D2C_SR_TRACEBACK'
 
@@ -31,7 +33,30 @@ def normalise_argv(argv, prog):
         index = argv.index('-opt')
         if index + 1 < len(argv) and not osp.isfile(argv[index + 1]):
             sys.exit(f'{prog}: error: option file not found: {argv[index + 1]!r} (pass -opt <path to a .yml>)')
+        if index + 1 < len(argv):
+            check_metric_weights(argv[index + 1], prog)
     sys.argv = [prog] + argv
+
+
+def check_metric_weights(opt_path, prog):
+    """Stop now (``<prog>: error: ...``, exit 2) if a perceptual metric of ``val.metrics`` lacks its weight files.
+
+    Without this a missing LPIPS/DISTS backbone would only show at the first validation. An option
+    file that does not parse is left to BasicSR's own reading, which reports it.
+    """
+    try:
+        with open(opt_path, encoding='utf-8') as f:
+            opt = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return
+    metrics = ((opt or {}).get('val') or {}).get('metrics') if isinstance(opt, dict) else None
+    if not isinstance(metrics, dict):
+        return
+    from d2c_metrics.perceptual_metric import check_weight_files
+    try:
+        check_weight_files(metrics)
+    except UserError as err:
+        sys.exit(report_user_error(prog, err))
 
 
 def init_dist(launcher, backend=None, port=None, **kwargs):

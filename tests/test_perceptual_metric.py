@@ -9,6 +9,7 @@ connection fail the test, so nothing here ever reaches the network.
 import csv
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from basicsr.models import build_model
 from basicsr.utils.registry import METRIC_REGISTRY
 from d2c_metrics import perceptual_metric as pm
 from d2c_tools import infer
+from d2c_utils.entry_util import normalise_argv
 
 sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 import make_table2_options  # noqa: E402
@@ -421,8 +423,29 @@ def test_d2c_test_reports_lpips_from_the_torch_cache(offline, tmp_path):
     assert logged == pytest.approx(np.mean(scores), abs=1e-4)
 
     (checkpoints / SQUEEZE_FILE).unlink()
+    shutil.rmtree(tmp_path / 'results')
     result = _d2c_test(tmp_path, yml, torch_home)
-    assert result.returncode == 2
+    assert result.returncode == 2 and not (tmp_path / 'results').exists()  # stopped before BasicSR started
     assert (f'd2c-test: error: calculate_lpips (net squeeze) needs the weight file {SQUEEZE_FILE} in {checkpoints} '
             '(download: false)') in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_training_stops_at_start_when_a_metric_lacks_its_weights(offline, tmp_path, capsys, monkeypatch):
+    """d2c-train / d2c-test check the perceptual metrics' files before BasicSR starts (not at the first
+    validation, hours later); other metrics and present files pass."""
+    hub, attempts = offline
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))  # normalise_argv rewrites it
+    opt = {'val': {'metrics': {'psnr': {'type': 'calculate_psnr'}, 'lpips': {'type': 'calculate_lpips'}}}}
+    yml = write_yaml(tmp_path / 'train.yml', opt)
+    with pytest.raises(SystemExit) as info:
+        normalise_argv(['-opt', yml], 'd2c-train')
+    assert info.value.code == 2 and len(attempts) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'd2c-train: error: calculate_lpips (net alex) needs the weight file {ALEX_FILE}')
+    (hub / 'checkpoints' / ALEX_FILE).write_bytes(b'')
+    normalise_argv(['-opt', yml], 'd2c-train')  # present: nothing is built or fetched here
+    assert len(attempts) == 1 and pm.NETWORKS == {}
+    pm.check_weight_files({'psnr': {'type': 'calculate_psnr'}})
+    with pytest.raises(pm.UserError, match="val.metrics.lp: net 'vg'"):
+        pm.check_weight_files({'lp': {'type': 'calculate_lpips', 'net': 'vg'}})
