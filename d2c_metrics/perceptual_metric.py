@@ -134,7 +134,11 @@ def load_lpips_backbone(model, path):
     names (``slice2.3.weight`` is ``features.3.weight``), so the keys map by rule; every tensor of
     the backbone must be found with its shape.
     """
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # truncated download, another file under that name
+        raise MissingWeightsError(f'{path} cannot be read ({type(err).__name__}: {err}); delete it so that it is '
+                                  'fetched again, or copy a good one there'.replace('\n', ' ')) from None
     target = model.net.state_dict()
     loaded = {}
     for key, value in target.items():
@@ -179,11 +183,16 @@ def dists_network(device='auto', download=True):
     if key not in NETWORKS:
         piq = _import('piq', 'calculate_dists')
         import torchvision
-        ensure_weight_files([torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, piq.DISTS._weights_url],
-                            'calculate_dists', download)
-        with warnings.catch_warnings():  # piq asks torchvision with the old `pretrained=True` spelling
-            warnings.simplefilter('ignore', UserWarning)
-            model = piq.DISTS(reduction='none')  # both files are cached now: torch reads them, nothing is fetched
+        paths = ensure_weight_files([torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, piq.DISTS._weights_url],
+                                    'calculate_dists', download)
+        try:
+            with warnings.catch_warnings():  # piq asks torchvision with the old `pretrained=True` spelling
+                warnings.simplefilter('ignore', UserWarning)
+                model = piq.DISTS(reduction='none')  # both files are cached now: torch reads them, nothing is fetched
+        except Exception as err:  # a truncated or foreign file under one of those names
+            raise MissingWeightsError(f'calculate_dists: {" or ".join(paths)} cannot be read ({type(err).__name__}: '
+                                      f'{err}); delete the damaged file so that it is fetched again, or copy a good '
+                                      'one there'.replace('\n', ' ')) from None
         NETWORKS[key] = model.eval().requires_grad_(False).to(device)
     return NETWORKS[key]
 

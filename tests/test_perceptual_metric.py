@@ -242,6 +242,10 @@ def test_lpips_refuses_a_file_that_is_not_the_backbone(offline):
     torch.save({'features.0.weight': torch.zeros(1)}, hub / 'checkpoints' / SQUEEZE_FILE)
     with pytest.raises(pm.MissingWeightsError, match='not the torchvision backbone lpips expects'):
         pm.lpips_network('squeeze', device='cpu')
+    (hub / 'checkpoints' / SQUEEZE_FILE).write_bytes(b'truncated download')
+    with pytest.raises(pm.MissingWeightsError, match=f'{SQUEEZE_FILE} cannot be read .*delete it') as info:
+        pm.lpips_network('squeeze', device='cpu')
+    assert '\n' not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- DISTS
