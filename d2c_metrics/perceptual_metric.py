@@ -96,7 +96,7 @@ def ensure_weight_files(urls, what, download=True):
         try:
             os.makedirs(folder, exist_ok=True)
             with _socket_timeout(DOWNLOAD_TIMEOUT):
-                torch.hub.download_url_to_file(url, path, progress=False)
+                torch.hub.download_url_to_file(url, path, progress=True)  # VGG16 is 528 MB: show it
         except Exception as err:  # no network, proxy, HTTP error, full disk: all mean "put it there yourself"
             missing.append(url)
             reason = f'download failed: {type(err).__name__}: {err}'.replace('\n', ' ')
