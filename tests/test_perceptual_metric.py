@@ -84,18 +84,20 @@ def _random_lpips(net='alex', seed=0):
     return lpips.LPIPS(net=net, version='0.1', pnet_rand=True, verbose=False).eval()
 
 
-def _random_dists(monkeypatch, seed=0):
-    """piq.DISTS with a random VGG16 and random alpha/beta (non-negative, summing to 1 as DISTS's do)."""
-    torch.manual_seed(seed)
+@pytest.fixture(scope='module')
+def random_dists():
+    """piq.DISTS with a random VGG16 and random alpha/beta (non-negative, summing to 1 as DISTS's do).
+
+    Built once (a VGG16's random initialisation takes seconds), with piq's two downloads replaced.
+    """
+    torch.manual_seed(0)
     channels = sum([3, 64, 128, 256, 512, 512])
     weights = torch.rand(2, 1, channels, 1, 1)
     weights /= weights.sum()
-    monkeypatch.setattr(piq.perceptual, 'vgg16', lambda *a, **k: torchvision.models.vgg16(weights=None))
-    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', lambda *a, **k: {
-        'alpha': weights[0],
-        'beta': weights[1]
-    })
-    return piq.DISTS(reduction='none').eval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(piq.perceptual, 'vgg16', lambda *a, **k: torchvision.models.vgg16(weights=None))
+        patch.setattr(torch.hub, 'load_state_dict_from_url', lambda *a, **k: {'alpha': weights[0], 'beta': weights[1]})
+        return piq.DISTS(reduction='none').eval()
 
 
 # ----------------------------------------------------------------------------- registration, errors
@@ -249,8 +251,8 @@ def test_lpips_refuses_a_file_that_is_not_the_backbone(offline):
 
 
 # ----------------------------------------------------------------------------- DISTS
-def test_dists_equals_the_library_call(offline, monkeypatch):
-    model = _random_dists(monkeypatch)
+def test_dists_equals_the_library_call(offline, random_dists):
+    model = random_dists
     pm.NETWORKS[('dists', 'cpu')] = model
     img, other = _images()
     ours = calculate_metric(dict(img=img, img2=other), {'type': 'calculate_dists', 'better': 'lower', 'device': 'cpu'})
@@ -281,7 +283,7 @@ def test_dists_builds_from_cached_files_without_downloading(offline, monkeypatch
 
 
 # ----------------------------------------------------------------------------- d2c-infer --reference
-def test_infer_reference_with_perceptual_metrics(offline, tmp_path, monkeypatch):
+def test_infer_reference_with_perceptual_metrics(offline, tmp_path, random_dists):
     from test_infer import save_model, smooth_image, write
     pth, yml, _ = save_model(str(tmp_path))
     lr_dir, hr_dir, out = tmp_path / 'LR', tmp_path / 'HR', tmp_path / 'out'
@@ -291,7 +293,7 @@ def test_infer_reference_with_perceptual_metrics(offline, tmp_path, monkeypatch)
     write(hr_dir / 'im0.png', hr)
     write(lr_dir / 'im0.png', cv2.resize(hr, (17, 16), interpolation=cv2.INTER_AREA))
     pm.NETWORKS[('lpips', 'alex', '0.1', 'cpu')] = _random_lpips()
-    pm.NETWORKS[('dists', 'cpu')] = _random_dists(monkeypatch)
+    pm.NETWORKS[('dists', 'cpu')] = random_dists
     args = [
         '-i',
         str(lr_dir), '-o',
