@@ -96,7 +96,7 @@ def ensure_weight_files(urls, what, download=True):
         try:
             os.makedirs(folder, exist_ok=True)
             with _socket_timeout(DOWNLOAD_TIMEOUT):
-                torch.hub.download_url_to_file(url, path, progress=False)
+                torch.hub.download_url_to_file(url, path, progress=True)  # VGG16 is 528 MB: show it
         except Exception as err:  # no network, proxy, HTTP error, full disk: all mean "put it there yourself"
             missing.append(url)
             reason = f'download failed: {type(err).__name__}: {err}'.replace('\n', ' ')
@@ -134,7 +134,11 @@ def load_lpips_backbone(model, path):
     names (``slice2.3.weight`` is ``features.3.weight``), so the keys map by rule; every tensor of
     the backbone must be found with its shape.
     """
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # truncated download, another file under that name
+        raise MissingWeightsError(f'{path} cannot be read ({type(err).__name__}: {err}); delete it so that it is '
+                                  'fetched again, or copy a good one there'.replace('\n', ' ')) from None
     target = model.net.state_dict()
     loaded = {}
     for key, value in target.items():
@@ -179,13 +183,48 @@ def dists_network(device='auto', download=True):
     if key not in NETWORKS:
         piq = _import('piq', 'calculate_dists')
         import torchvision
-        ensure_weight_files([torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, piq.DISTS._weights_url],
-                            'calculate_dists', download)
-        with warnings.catch_warnings():  # piq asks torchvision with the old `pretrained=True` spelling
-            warnings.simplefilter('ignore', UserWarning)
-            model = piq.DISTS(reduction='none')  # both files are cached now: torch reads them, nothing is fetched
+        paths = ensure_weight_files([torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, piq.DISTS._weights_url],
+                                    'calculate_dists', download)
+        try:
+            with warnings.catch_warnings():  # piq asks torchvision with the old `pretrained=True` spelling
+                warnings.simplefilter('ignore', UserWarning)
+                model = piq.DISTS(reduction='none')  # both files are cached now: torch reads them, nothing is fetched
+        except Exception as err:  # a truncated or foreign file under one of those names
+            raise MissingWeightsError(f'calculate_dists: {" or ".join(paths)} cannot be read ({type(err).__name__}: '
+                                      f'{err}); delete the damaged file so that it is fetched again, or copy a good '
+                                      'one there'.replace('\n', ' ')) from None
         NETWORKS[key] = model.eval().requires_grad_(False).to(device)
     return NETWORKS[key]
+
+
+def check_weight_files(metrics_opt):
+    """Make sure the weight files of the LPIPS/DISTS metrics in ``metrics_opt`` are in the torch hub cache.
+
+    Called by d2c-train and d2c-test before BasicSR starts, so that a missing file stops the run at
+    once instead of at the first validation, hours later. Only files are checked (and fetched where
+    allowed); the networks are built on first use.
+
+    Args:
+        metrics_opt (dict | None): ``val.metrics`` of an option file: name -> {type: ..., ...}.
+
+    Raises:
+        UserError: the package is missing, an option is wrong or a file cannot be had (one line).
+    """
+    for name, metric in (metrics_opt or {}).items():
+        if not isinstance(metric, dict) or metric.get('type') not in ('calculate_lpips', 'calculate_dists'):
+            continue
+        download = metric.get('download', True)
+        if metric['type'] == 'calculate_lpips':
+            net = metric.get('net', 'alex')
+            if net not in LPIPS_BACKBONES:
+                raise UserError(f'val.metrics.{name}: net {net!r}; use one of {sorted(LPIPS_BACKBONES)}')
+            _import('lpips', 'calculate_lpips')
+            ensure_weight_files([_backbone_url(net)], f'calculate_lpips (net {net})', download)
+        else:
+            piq = _import('piq', 'calculate_dists')
+            import torchvision
+            ensure_weight_files([torchvision.models.VGG16_Weights.IMAGENET1K_V1.url, piq.DISTS._weights_url],
+                                'calculate_dists', download)
 
 
 def image_tensor(img, input_order, crop_border, name):

@@ -17,7 +17,7 @@ d2c_compat.apply()
 from basicsr.utils import options as basicsr_options  # noqa: E402
 from basicsr.utils.misc import check_resume  # noqa: E402
 from d2c_utils import data_guard  # noqa: E402
-from d2c_utils.errors import UserError, report_interrupt  # noqa: E402
+from d2c_utils.errors import UserError, report_interrupt, report_user_error  # noqa: E402
 from d2c_utils.option_check import check_options, read_option_file  # noqa: E402
 from d2c_utils.output_util import is_disk_full  # noqa: E402
 
@@ -40,11 +40,30 @@ def normalise_argv(argv, prog):
         index = argv.index('-opt')
         if index + 1 < len(argv):
             try:  # the values are checked once BasicSR applied --force_yml (checked_parse_options)
-                read_option_file(argv[index + 1], check=False)
+                opt = read_option_file(argv[index + 1], check=False)
             except UserError as err:
                 print(f'{prog}: error: {err}', file=sys.stderr)
                 sys.exit(2)
+            check_metric_weights(opt, prog)
     sys.argv = [prog] + argv
+
+
+def check_metric_weights(opt, prog):
+    """Stop now (``<prog>: error: ...``, exit 2) if a perceptual metric of ``val.metrics`` lacks its weight files.
+
+    Without this a missing LPIPS/DISTS backbone would only show at the first validation.
+
+    Args:
+        opt (dict): The option file as read by :func:`d2c_utils.option_check.read_option_file`.
+    """
+    metrics = ((opt or {}).get('val') or {}).get('metrics') if isinstance(opt, dict) else None
+    if not isinstance(metrics, dict):
+        return
+    from d2c_metrics.perceptual_metric import check_weight_files
+    try:
+        check_weight_files(metrics)
+    except UserError as err:
+        sys.exit(report_user_error(prog, err))
 
 
 def init_dist(launcher, backend=None, port=None, **kwargs):

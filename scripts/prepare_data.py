@@ -202,7 +202,7 @@ def build_parser():
         formatter_class=_HelpFormatter)
     src = parser.add_argument_group('input')
     src.add_argument('--preset', choices=sorted(PRESETS), default='generic', help='input layout')
-    src.add_argument('--input', help='data set root (presets realsr, drealsr, d2crealsr)')
+    src.add_argument('--input', help='data set root (presets realsr, drealsr, d2crealsr, div2krk)')
     src.add_argument('--hr-dir', help='HR folder (preset generic)')
     src.add_argument('--lr-dir', help='LR folder (preset generic)')
     src.add_argument(

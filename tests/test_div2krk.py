@@ -145,18 +145,19 @@ def _tiny_dan_checkpoint(path, scale):
 
 
 @pytest.mark.slow
-def test_dan_test_option_file_on_div2krk(div2krk, tmp_path):
-    """options/dan/test_DANv2_setting2_x4.yml on the prepared fixture: d2c-test logs PSNR/SSIM and the
+@pytest.mark.parametrize('scale', [2, 4])
+def test_dan_test_option_file_on_div2krk(div2krk, tmp_path, scale):
+    """options/dan/test_DANv2_setting2_x<scale>.yml on the prepared fixture: d2c-test logs PSNR/SSIM and the
     kernel error against the .mat kernels, equal to what is computed here from the same network."""
     root, kernels = div2krk
-    prepared = tmp_path / 'datasets' / 'DIV2KRK_x4'
-    assert _prepare(root, prepared, 4) == 0
-    net, net_opt = _tiny_dan_checkpoint(tmp_path / 'dan.pth', 4)
-    with open(os.path.join(REPO_ROOT, 'options', 'dan', 'test_DANv2_setting2_x4.yml')) as f:
+    prepared = tmp_path / 'datasets' / f'DIV2KRK_x{scale}'
+    assert _prepare(root, prepared, scale) == 0
+    net, net_opt = _tiny_dan_checkpoint(tmp_path / 'dan.pth', scale)
+    with open(os.path.join(REPO_ROOT, 'options', 'dan', f'test_DANv2_setting2_x{scale}.yml')) as f:
         opt = yaml.safe_load(f)
     data = opt['datasets']['test_1']
     # the file's own relative paths, run from tmp_path: the documented preparation's output is what it reads
-    assert data['dataroot_kernel'] == 'datasets/DIV2KRK_x4/test/kernels'
+    assert data['dataroot_kernel'] == f'datasets/DIV2KRK_x{scale}/test/kernels'
     opt['num_gpu'] = 0
     opt['network_g'].update(net_opt)
     opt['path']['pretrain_network_g'] = str(tmp_path / 'dan.pth')
@@ -170,8 +171,8 @@ def test_dan_test_option_file_on_div2krk(div2krk, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     log = next((tmp_path / 'results' / opt['name']).glob('*.log')).read_text()
     print('\n'.join(line for line in log.splitlines() if '#' in line))  # shown with -s: the fixture run's output
-    logged_err = float(
-        re.search(r'kernel_err \(mean \|k - k_gt\|, 2 images\) of DIV2KRK_x4: ([\d.e+-]+)', log).group(1))
+    pattern = rf'kernel_err \(mean \|k - k_gt\|, 2 images\) of DIV2KRK_x{scale}: ([\d.e+-]+)'
+    logged_err = float(re.search(pattern, log).group(1))
     logged_psnr = float(re.search(r'# psnr: ([\d.]+)', log).group(1))
     assert re.search(r'# ssim: [\d.]+', log)
 
@@ -181,10 +182,10 @@ def test_dan_test_option_file_on_div2krk(div2krk, tmp_path):
         lr = cv2.imread(str(prepared / 'test' / 'LR' / f'{key}.png'))[..., ::-1].astype(np.float32) / 255
         with torch.no_grad():
             _, estimate = net(torch.from_numpy(lr.copy()).permute(2, 0, 1)[None], return_kernel=True)
-        truth = kernels[(4, key)] / kernels[(4, key)].sum()
+        truth = kernels[(scale, key)] / kernels[(scale, key)].sum()
         errors.append(float(np.abs(estimate[0].numpy() - truth).mean()))
         sr = cv2.imread(str(folder / f'{key}_{opt["name"]}.png'))
         hr = cv2.imread(str(prepared / 'test' / 'HR' / f'{key}.png'))
-        psnrs.append(calculate_psnr(sr, hr, crop_border=4, test_y_channel=True))
+        psnrs.append(calculate_psnr(sr, hr, crop_border=scale, test_y_channel=True))
     assert logged_err == pytest.approx(np.mean(errors), rel=1e-3)
     assert logged_psnr == pytest.approx(np.mean(psnrs), abs=1e-3)

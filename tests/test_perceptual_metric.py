@@ -9,6 +9,7 @@ connection fail the test, so nothing here ever reaches the network.
 import csv
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from basicsr.models import build_model
 from basicsr.utils.registry import METRIC_REGISTRY
 from d2c_metrics import perceptual_metric as pm
 from d2c_tools import infer
+from d2c_utils.entry_util import normalise_argv
 
 sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 import make_table2_options  # noqa: E402
@@ -82,18 +84,20 @@ def _random_lpips(net='alex', seed=0):
     return lpips.LPIPS(net=net, version='0.1', pnet_rand=True, verbose=False).eval()
 
 
-def _random_dists(monkeypatch, seed=0):
-    """piq.DISTS with a random VGG16 and random alpha/beta (non-negative, summing to 1 as DISTS's do)."""
-    torch.manual_seed(seed)
+@pytest.fixture(scope='module')
+def random_dists():
+    """piq.DISTS with a random VGG16 and random alpha/beta (non-negative, summing to 1 as DISTS's do).
+
+    Built once (a VGG16's random initialisation takes seconds), with piq's two downloads replaced.
+    """
+    torch.manual_seed(0)
     channels = sum([3, 64, 128, 256, 512, 512])
     weights = torch.rand(2, 1, channels, 1, 1)
     weights /= weights.sum()
-    monkeypatch.setattr(piq.perceptual, 'vgg16', lambda *a, **k: torchvision.models.vgg16(weights=None))
-    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', lambda *a, **k: {
-        'alpha': weights[0],
-        'beta': weights[1]
-    })
-    return piq.DISTS(reduction='none').eval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(piq.perceptual, 'vgg16', lambda *a, **k: torchvision.models.vgg16(weights=None))
+        patch.setattr(torch.hub, 'load_state_dict_from_url', lambda *a, **k: {'alpha': weights[0], 'beta': weights[1]})
+        return piq.DISTS(reduction='none').eval()
 
 
 # ----------------------------------------------------------------------------- registration, errors
@@ -240,11 +244,15 @@ def test_lpips_refuses_a_file_that_is_not_the_backbone(offline):
     torch.save({'features.0.weight': torch.zeros(1)}, hub / 'checkpoints' / SQUEEZE_FILE)
     with pytest.raises(pm.MissingWeightsError, match='not the torchvision backbone lpips expects'):
         pm.lpips_network('squeeze', device='cpu')
+    (hub / 'checkpoints' / SQUEEZE_FILE).write_bytes(b'truncated download')
+    with pytest.raises(pm.MissingWeightsError, match=f'{SQUEEZE_FILE} cannot be read .*delete it') as info:
+        pm.lpips_network('squeeze', device='cpu')
+    assert '\n' not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- DISTS
-def test_dists_equals_the_library_call(offline, monkeypatch):
-    model = _random_dists(monkeypatch)
+def test_dists_equals_the_library_call(offline, random_dists):
+    model = random_dists
     pm.NETWORKS[('dists', 'cpu')] = model
     img, other = _images()
     ours = calculate_metric(dict(img=img, img2=other), {'type': 'calculate_dists', 'better': 'lower', 'device': 'cpu'})
@@ -275,7 +283,7 @@ def test_dists_builds_from_cached_files_without_downloading(offline, monkeypatch
 
 
 # ----------------------------------------------------------------------------- d2c-infer --reference
-def test_infer_reference_with_perceptual_metrics(offline, tmp_path, monkeypatch):
+def test_infer_reference_with_perceptual_metrics(offline, tmp_path, random_dists):
     from test_infer import save_model, smooth_image, write
     pth, yml, _ = save_model(str(tmp_path))
     lr_dir, hr_dir, out = tmp_path / 'LR', tmp_path / 'HR', tmp_path / 'out'
@@ -285,7 +293,7 @@ def test_infer_reference_with_perceptual_metrics(offline, tmp_path, monkeypatch)
     write(hr_dir / 'im0.png', hr)
     write(lr_dir / 'im0.png', cv2.resize(hr, (17, 16), interpolation=cv2.INTER_AREA))
     pm.NETWORKS[('lpips', 'alex', '0.1', 'cpu')] = _random_lpips()
-    pm.NETWORKS[('dists', 'cpu')] = _random_dists(monkeypatch)
+    pm.NETWORKS[('dists', 'cpu')] = random_dists
     args = [
         '-i',
         str(lr_dir), '-o',
@@ -421,8 +429,29 @@ def test_d2c_test_reports_lpips_from_the_torch_cache(offline, tmp_path):
     assert logged == pytest.approx(np.mean(scores), abs=1e-4)
 
     (checkpoints / SQUEEZE_FILE).unlink()
+    shutil.rmtree(tmp_path / 'results')
     result = _d2c_test(tmp_path, yml, torch_home)
-    assert result.returncode == 2
+    assert result.returncode == 2 and not (tmp_path / 'results').exists()  # stopped before BasicSR started
     assert (f'd2c-test: error: calculate_lpips (net squeeze) needs the weight file {SQUEEZE_FILE} in {checkpoints} '
             '(download: false)') in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_training_stops_at_start_when_a_metric_lacks_its_weights(offline, tmp_path, capsys, monkeypatch):
+    """d2c-train / d2c-test check the perceptual metrics' files before BasicSR starts (not at the first
+    validation, hours later); other metrics and present files pass."""
+    hub, attempts = offline
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))  # normalise_argv rewrites it
+    opt = {'val': {'metrics': {'psnr': {'type': 'calculate_psnr'}, 'lpips': {'type': 'calculate_lpips'}}}}
+    yml = write_yaml(tmp_path / 'train.yml', opt)
+    with pytest.raises(SystemExit) as info:
+        normalise_argv(['-opt', yml], 'd2c-train')
+    assert info.value.code == 2 and len(attempts) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'd2c-train: error: calculate_lpips (net alex) needs the weight file {ALEX_FILE}')
+    (hub / 'checkpoints' / ALEX_FILE).write_bytes(b'')
+    normalise_argv(['-opt', yml], 'd2c-train')  # present: nothing is built or fetched here
+    assert len(attempts) == 1 and pm.NETWORKS == {}
+    pm.check_weight_files({'psnr': {'type': 'calculate_psnr'}})
+    with pytest.raises(pm.UserError, match="val.metrics.lp: net 'vg'"):
+        pm.check_weight_files({'lp': {'type': 'calculate_lpips', 'net': 'vg'}})
