@@ -216,11 +216,12 @@ def test_bad_configuration_exits_2_with_one_line_message(tmp_path, tiny_data):
     assert 'Traceback' not in result.stderr
 
 
-def test_local_rank_with_dash_is_accepted(monkeypatch):
+def test_local_rank_with_dash_is_accepted(monkeypatch, tmp_path):
     from d2c_utils.entry_util import normalise_argv
     monkeypatch.setattr(sys, 'argv', ['x'])
-    normalise_argv(['-opt', __file__, '--local-rank=1', '--local-rank', '0'], 'd2c-train')
-    assert sys.argv == ['d2c-train', '-opt', __file__, '--local_rank=1', '--local_rank', '0']
+    yml = write_yaml(tmp_path / 'opt.yml', {'name': 'x'})  # normalise_argv loads the option file
+    normalise_argv(['-opt', yml, '--local-rank=1', '--local-rank', '0'], 'd2c-train')
+    assert sys.argv == ['d2c-train', '-opt', yml, '--local_rank=1', '--local_rank', '0']
 
 
 def test_converted_checkpoint_with_other_constants_warns(tmp_path, tiny_data, caplog):
