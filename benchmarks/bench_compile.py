@@ -28,7 +28,7 @@ import yaml
 import d2c_model  # noqa: E402,F401
 from basicsr.models import build_model  # noqa: E402
 from d2c_utils.checkpoint_util import build_network  # noqa: E402
-from d2c_utils.compile_util import CompiledCall  # noqa: E402
+from d2c_utils.compile_util import CompiledCall, compile_options  # noqa: E402
 
 METHODS = ('d2c-divergence', 'd2c-convergence', 'd2c-joint', 'dan', 'sdflow')
 
@@ -97,6 +97,7 @@ def time_steps(model, batch, iters, start_iter):
 
 def bench_training(name, opt, size, args):
     compile_opt = {'mode': args.mode, 'backend': args.backend} if args.mode else {'backend': args.backend}
+    torch._dynamo.reset()  # each method compiles from scratch
     torch.manual_seed(0)
     eager = build(opt, False)
     torch.manual_seed(0)
@@ -122,7 +123,8 @@ def bench_inference(args):
         net_opt = yaml.safe_load(f)['network_g']
     torch.manual_seed(0)
     net = build_network(net_opt, 'demo_D2C_x4.yml').eval()
-    options = {'mode': args.mode, 'backend': args.backend} if args.mode else {'backend': args.backend}
+    options = compile_options({'mode': args.mode, 'backend': args.backend} if args.mode else {'backend': args.backend})
+    torch._dynamo.reset()
     compiled = CompiledCall(net, options, warn=print, name='D2CNet')
     lq = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

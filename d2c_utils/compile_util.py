@@ -30,7 +30,7 @@ def compile_options(value, key='train.compile'):
     if value is None or value is False:
         return None
     if value is True:
-        return {}
+        value = {}
     if isinstance(value, str):
         value = {'mode': value}
     if not isinstance(value, dict):
@@ -47,7 +47,11 @@ def compile_options(value, key='train.compile'):
     if 'backend' in value and not isinstance(value['backend'], str):
         raise UserError(f'{key}.backend={value["backend"]!r}; name a backend of torch._dynamo.list_backends(), '
                         'e.g. inductor')
-    return {k: v for k, v in value.items() if v is not None}
+    options = {k: v for k, v in value.items() if v is not None}
+    # static shapes unless asked: D2CNet's forward sees (N, 3, h, w) images and (N, P, 3, H, W) branch stacks,
+    # so automatic dynamic shapes would kick in, and inductor (torch 2.14, CPU) fails on those graphs
+    options.setdefault('dynamic', False)
+    return options
 
 
 def is_compile_error(err):
