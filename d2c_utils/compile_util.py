@@ -102,5 +102,9 @@ class CompiledCall:
             except Exception as err:
                 if not is_compile_error(err):
                     raise
+                # dynamo also wraps the network's own errors (a wrong input shape): if eager fails too, that
+                # error is the one to show, and compiling stays on
+                result = self.eager(*args, **kwargs)
                 self._fall_back(err)
+                return result
         return self.eager(*args, **kwargs)
