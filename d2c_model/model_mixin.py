@@ -378,9 +378,10 @@ class PluginModelMixin:
         if self.save_format == 'pth':
             atomic_torch_save(save_dict, path)  # BasicSR's own layout, nothing added
             return
-        net_opt = self.opt.get(net_label.replace('net_', 'network_', 1))
-        if net_opt:
-            save_dict['network_g'] = dict(net_opt)  # the key every loader of ours reads options from
+        # network_g is the key every loader of ours reads a generator's options from (net_d: network_d)
+        opt_key = net_label.replace('net_', 'network_', 1)
+        if self.opt.get(opt_key):
+            save_dict[opt_key] = dict(self.opt[opt_key])
         save_checkpoint(save_dict, path, metadata={'options': self.opt, 'provenance': self._provenance(current_iter)})
 
     def _provenance(self, current_iter):

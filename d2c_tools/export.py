@@ -44,7 +44,8 @@ def parse_size(text):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('model', help='checkpoint (.pth): BasicSR params/params_ema, or a converted checkpoint')
+    parser.add_argument(
+        'model', help='checkpoint (.pth or .safetensors): BasicSR params/params_ema, or a converted checkpoint')
     parser.add_argument('-o', '--output', required=True, help='the ONNX file to write (.onnx)')
     parser.add_argument(
         '--opt',

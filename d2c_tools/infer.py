@@ -18,7 +18,8 @@ Y-PSNR/SSIM against ground truth. Gray, RGB, RGBA and 16-bit images come out in 
 
 Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses pickled Python objects (that could run code) and loads only tensors and plain
-containers. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2 usage,
+containers; ``.safetensors`` files (``logger.save_format: safetensors``) hold no code at all and
+carry their network options. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2 usage,
 model or option errors (one line naming the file and what to do).
 """
 import argparse
@@ -66,7 +67,10 @@ def parse_args(argv):
         help="output format; auto = the input's (PNG where the format cannot hold alpha or 16 bits)")
     model = parser.add_argument_group('model')
     model.add_argument(
-        '-m', '--model', required=True, help='checkpoint written by training (.pth), or an ONNX file from d2c-export')
+        '-m',
+        '--model',
+        required=True,
+        help='checkpoint written by training (.pth or .safetensors), or an ONNX file from d2c-export')
     model.add_argument(
         '--opt',
         default=None,
