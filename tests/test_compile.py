@@ -94,6 +94,7 @@ def test_compiled_training_equals_eager_across_the_phase_switch(tmp_path, tiny_d
     assert net is model.net_g and call.compiled is not None
 
 
+@pytest.mark.slow
 def test_compile_failure_in_training_warns_once_and_trains_eagerly(tmp_path, tiny_data):
     records = []
     handler = logging.Handler()
