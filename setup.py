@@ -42,7 +42,10 @@ setup(
     packages=['d2c_arch', 'd2c_data', 'd2c_losses', 'd2c_metrics', 'd2c_model', 'd2c_tools', 'd2c_utils'],
     py_modules=['d2c_compat', 'd2c_autoload'],
     cmdclass={'build_py': BuildPyWithAutoload},
-    install_requires=['basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb'],
+    # safetensors: logger.save_format: safetensors and reading such files in every loader (no pickle, no code)
+    install_requires=[
+        'basicsr>=1.4.2', 'torch', 'torchvision', 'opencv-python>=4.5,<5', 'pyyaml', 'lmdb', 'safetensors>=0.4'
+    ],
     # the lint tools are pinned so that `make lint` gives the same verdict everywhere; yapf comes with basicsr
     # onnx: d2c-export and `d2c-infer --backend onnxruntime`; openvino: `--backend openvino` (the fastest measured
     # on CPUs, what `--backend auto` takes when installed); spandrel: loading D2C checkpoints in chaiNNer / ComfyUI;

@@ -156,6 +156,8 @@ class D2CModel(PluginModelMixin, SRModel):
             # DDP only reduces the parameters that required gradients when it was built, so a
             # frozen part costs neither a find_unused_parameters scan nor a reduction error
             self.net_g = self.model_to_device(self.get_bare_model(self.net_g))
+        # train.compile: the trained parts changed, so compile the phase's forward passes afresh
+        self.reset_compiled()
         frozen = [part for part in ('divergence', 'convergence') if part not in trained]
         logger = get_root_logger()
         logger.info(f'Phase {phase.index + 1}/{len(self.phases)} at iter {current_iter}: {phase}; '
@@ -204,24 +206,26 @@ class D2CModel(PluginModelMixin, SRModel):
     def optimize_parameters(self, current_iter):
         if self.current_phase is None:
             self._enter_phase(self.phase_at(current_iter), current_iter)
+        super().optimize_parameters(current_iter)
+
+    def optimize_micro_batch(self, current_iter):
         phase = self.current_phase
         alpha = None
         if self.cri_div is not None:
             alpha = self.alpha_schedule(current_iter)
             self.cri_div.alpha = alpha
-        for optimizer in phase.optimizers:
-            optimizer.zero_grad(set_to_none=True)
 
         loss_dict = OrderedDict()
+        net_g = self.training_forward(self.net_g)
         with self.train_autocast():
             if phase.name == 'divergence':
-                branches = self.net_g(self.lq, stage='divergence')
+                branches = net_g(self.lq, stage='divergence')
             elif phase.name == 'convergence':
                 with torch.no_grad():  # frozen: no graph, no activations kept
-                    branches = self.net_g(self.lq, stage='divergence')
-                self.output, _ = self.net_g(branches, stage='convergence')
+                    branches = net_g(self.lq, stage='divergence')
+                self.output, _ = net_g(branches, stage='convergence')
             else:  # joint: one forward, the fusion sees detached predictions
-                self.output, branches, _ = self.net_g(self.lq, return_branches=True, fuse_detached=True)
+                self.output, branches, _ = net_g(self.lq, return_branches=True, fuse_detached=True)
         # losses in fp32: the triplet term compares small distances that bf16 would round away
         l_total = 0
         if phase.name in ('divergence', 'joint'):
@@ -234,12 +238,8 @@ class D2CModel(PluginModelMixin, SRModel):
 
         self.log_dict = OrderedDict(phase=PhaseTag(phase.index, phase.name))
         self.log_dict.update(self.reduce_loss_dict(loss_dict))
-        if self.nonfinite_skips:
-            self.log_dict['nonfinite_skips'] = self.nonfinite_skips
         if alpha is not None and phase.name != 'convergence':
             self.log_dict['alpha'] = alpha
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
 
     # ---------------------------------------------------------------- checkpoints
     def extra_training_state(self, current_iter):

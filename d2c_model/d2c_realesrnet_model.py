@@ -52,7 +52,7 @@ class D2CRealESRNetModel(D2CModel):
             self.queue_ptr = 0
         RealESRNetModel._dequeue_and_enqueue(self)
 
-    def feed_data(self, data):
+    def feed_micro_batch(self, data):
         # BasicSR's degradation pipeline; then the mixin's memory-layout handling of self.lq
         RealESRNetModel.feed_data(self, data)
         if self.channels_last:

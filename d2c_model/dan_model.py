@@ -123,10 +123,10 @@ class DANModel(PluginModelMixin, SRModel):
         self.optimizers.append(self.optimizer_g)
 
     # ------------------------------------------------------------------------ data
-    def feed_data(self, data):
+    def feed_micro_batch(self, data):
         """Paired data (validation) as given; HR-only data: draw kernels and make the LR batch here."""
         if 'lq' in data:
-            super().feed_data(data)
+            super().feed_micro_batch(data)
             self.kernel_gt = None
             self.lq_path = data.get('lq_path')
             return
@@ -146,10 +146,9 @@ class DANModel(PluginModelMixin, SRModel):
             self.lq = self.lq.contiguous(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------------ training
-    def optimize_parameters(self, current_iter):
-        self.optimizer_g.zero_grad()
+    def optimize_micro_batch(self, current_iter):
         with self.train_autocast():
-            srs, kernels = self.net_g(self.lq, return_all=True)
+            srs, kernels = self.training_forward(self.net_g)(self.lq, return_all=True)
         sr, kernel = srs[-1].float(), kernels[-1].float()
         loss_dict = {'l_pix': self.cri_pix(sr, self.gt), 'l_kernel': self.cri_kernel(kernel, self.kernel_gt)}
         if not self.loss_is_finite(loss_dict, f'iter {current_iter}'):
@@ -159,21 +158,15 @@ class DANModel(PluginModelMixin, SRModel):
             for i, estimate in enumerate(kernels):
                 loss_dict[f'kernel_err_{i + 1}'] = (estimate.float() - self.kernel_gt).abs().mean()
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.nonfinite_skips:
-            self.log_dict['nonfinite_skips'] = float(self.nonfinite_skips)
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
 
     # ------------------------------------------------------------------------ resuming
     def extra_training_state(self, current_iter):
         """The kernel sampler's state, so a resumed run draws the kernels the uninterrupted one would."""
         return {'kernel_rng': self.rng.bit_generator.state}
 
-    def resume_training(self, resume_state):
-        saved = resume_state.get(self.training_state_key) or {}
+    def restore_extra_state(self, saved):
         if saved.get('kernel_rng'):
             self.rng.bit_generator.state = saved['kernel_rng']
-        super().resume_training(resume_state)
 
     # ------------------------------------------------------------------------ testing
     def test(self):

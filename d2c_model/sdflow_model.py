@@ -152,10 +152,11 @@ class SDFlowModel(PluginModelMixin, SRModel):
     def _lowpass(self, img):
         return filter2D(img.float(), self.lowpass_kernel.expand(img.shape[0], -1, -1))
 
-    def optimize_parameters(self, current_iter):
+    def optimize_micro_batch(self, current_iter):
         hr, lq = self._dequantise(self.gt), self._dequantise(self.lq)
+        net_d = self.training_forward(self.net_d) if self.cri_gan is not None else None
         with self.train_autocast():
-            out = self.net_g(
+            out = self.training_forward(self.net_g)(
                 lq,
                 hr=hr,
                 cycle_temperature=self.cycle_temperature if self.cri_cycle is not None else None,
@@ -174,19 +175,17 @@ class SDFlowModel(PluginModelMixin, SRModel):
             for p in self.net_d.parameters():
                 p.requires_grad = False
             with self.train_autocast():
-                loss_dict['l_g_gan'] = self.cri_gan(self.net_d(out['content_lr']).float(), True, is_disc=False)
+                loss_dict['l_g_gan'] = self.cri_gan(net_d(out['content_lr']).float(), True, is_disc=False)
         if not self.loss_is_finite(loss_dict, f'iter {current_iter}'):
             return
-        self.optimizer_g.zero_grad()
         self.backward_and_step(sum(loss_dict.values()), [self.optimizer_g], self.grad_clip, self.net_g.parameters())
 
         if self.cri_gan is not None:
             for p in self.net_d.parameters():
                 p.requires_grad = True
-            self.optimizer_d.zero_grad()
             with self.train_autocast():
-                real = self.net_d(out['content_hr'].detach()).float()
-                fake = self.net_d(out['content_lr'].detach()).float()
+                real = net_d(out['content_hr'].detach()).float()
+                fake = net_d(out['content_lr'].detach()).float()
             d_losses = {
                 'l_d_real': self.cri_gan(real, True, is_disc=True),
                 'l_d_fake': self.cri_gan(fake, False, is_disc=True)
@@ -198,10 +197,6 @@ class SDFlowModel(PluginModelMixin, SRModel):
             loss_dict['bpd_hr'] = bits_per_dim(nll_hr.detach())
             loss_dict['bpd_lr'] = bits_per_dim(nll_lr.detach())
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.nonfinite_skips:
-            self.log_dict['nonfinite_skips'] = float(self.nonfinite_skips)
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
 
     # ------------------------------------------------------------------------ saving and resuming
     def save(self, epoch, current_iter):
@@ -219,11 +214,9 @@ class SDFlowModel(PluginModelMixin, SRModel):
         """The sampling-noise generator, so a resumed run draws the noise the uninterrupted one would."""
         return {'noise_rng': self.noise_generator.get_state()}
 
-    def resume_training(self, resume_state):
-        saved = resume_state.get(self.training_state_key) or {}
+    def restore_extra_state(self, saved):
         if saved.get('noise_rng') is not None:
             self.noise_generator.set_state(saved['noise_rng'].cpu())
-        super().resume_training(resume_state)
 
     # ------------------------------------------------------------------------ testing
     def test(self):

@@ -55,7 +55,8 @@ def unchecked_path(output):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('model', help='checkpoint (.pth): BasicSR params/params_ema, or a converted checkpoint')
+    parser.add_argument(
+        'model', help='checkpoint (.pth or .safetensors): BasicSR params/params_ema, or a converted checkpoint')
     parser.add_argument('-o', '--output', required=True, help='the ONNX file to write (.onnx)')
     parser.add_argument(
         '--opt',

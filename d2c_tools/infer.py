@@ -18,10 +18,11 @@ Y-PSNR/SSIM against ground truth. Gray, RGB, RGBA and 16-bit images come out in 
 
 Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses pickled Python objects (that could run code) and loads only tensors and plain
-containers. Outputs are written whole or not at all (a temporary file renamed into place), never
-over an input of the run; an input folder that is also the output folder skips the outputs of
-earlier runs. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2 usage,
-model or option errors, or a full disk (one line naming the file and what to do); 130 Ctrl-C.
+containers; ``.safetensors`` files (``logger.save_format: safetensors``) hold no code at all and
+carry their network options. Outputs are written whole or not at all (a temporary file renamed into
+place), never over an input of the run; an input folder that is also the output folder skips the
+outputs of earlier runs. Exit status: 0 all images written; 1 some inputs were skipped (listed); 2
+usage, model or option errors, or a full disk (one line naming the file and what to do); 130 Ctrl-C.
 """
 import argparse
 import os
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_utils.checkpoint_util import load_model
+from d2c_utils.compile_util import CompiledCall, compile_options
 from d2c_utils.dan_infer_util import load_dan, model_type
 from d2c_utils.errors import ImageError, UserError, command_line_tool, report_user_error
 from d2c_utils.img_util import DEFAULT_MAX_PIXELS, list_inputs
@@ -77,7 +79,10 @@ def parse_args(argv):
         help="output format; auto = the input's (PNG where the format cannot hold alpha or 16 bits)")
     model = parser.add_argument_group('model')
     model.add_argument(
-        '-m', '--model', required=True, help='checkpoint written by training (.pth), or an ONNX file from d2c-export')
+        '-m',
+        '--model',
+        required=True,
+        help='checkpoint written by training (.pth or .safetensors), or an ONNX file from d2c-export')
     model.add_argument(
         '--opt',
         default=None,
@@ -113,6 +118,13 @@ def parse_args(argv):
         action='store_false',
         help='keep the NCHW memory layout instead of channels_last (NHWC), which is faster for '
         'these convolutions on CPUs and tensor-core GPUs')
+    run.add_argument(
+        '--compile',
+        action='store_true',
+        help='run D2CNet through torch.compile (PyTorch backend; --backend auto then means torch): the first '
+        'image of every new size (or tile size) compiles, which takes tens of seconds on a CPU, later ones run '
+        'faster; pays off for many images or tiles of one size. Falls back to eager with a warning where '
+        'torch.compile cannot compile')
     run.add_argument(
         '--fp16', action='store_true', help='old spelling of --precision fp16 (on a CPU: a warning, and fp32)')
     run.add_argument(
@@ -251,6 +263,8 @@ def open_model(args, backend, device, kind='D2CNet'):
         dtype = select_precision(args.precision, device, warn)
         net, info = load_model(args.model, args.opt, args.param_key, device)
         prepare_network(net, args.channels_last)
+        if args.compile:  # the instance's forward: the network keeps its class, attributes and state dict
+            net.forward = CompiledCall(net.forward, compile_options(True, '--compile'), warn, name='D2CNet')
     else:
         need_branches = args.save_branches or args.save_weights or args.reference is not None
         net, info = None, {'opt_source': f'{args.model} (exported)', 'warnings': []}
@@ -314,13 +328,22 @@ def main(argv=None):
         elif args.fp16:
             args.precision = 'fp16'
         kind = model_type(args.model, args.opt)
+        if args.compile and kind != 'D2CNet':
+            raise UserError(f'--compile compiles D2CNet models; {args.model} holds a {kind}: drop --compile')
+        if args.compile and args.backend not in ('auto', 'torch'):
+            raise UserError(f'--compile runs PyTorch\'s torch.compile; --backend {args.backend} runs an exported '
+                            'model: use --backend torch (or auto), or drop --compile')
         if kind in TORCH_ONLY_REFUSALS:
             backend, why = torch_only_backend(args, kind)
         else:
             if args.downscale or args.samples > 1 or args.temperature is not None:
                 raise UserError(f'--downscale, --samples and --temperature are for SDFlow checkpoints; {args.model} '
                                 f'holds a {kind}')
-            backend, why = select_backend(args.backend, args.model, device)
+            if args.compile:  # select_backend refuses an .onnx file for torch
+                backend, why = select_backend('torch', args.model, device)
+                why = why if args.backend == 'torch' else 'auto: --compile runs PyTorch'
+            else:
+                backend, why = select_backend(args.backend, args.model, device)
         inputs = select_inputs(args)
         net, info, dtype = open_model(args, backend, device, kind)
         broken = nonfinite_weights(net)
@@ -337,6 +360,9 @@ def main(argv=None):
     tiling = f'tile {args.tile}, pad {args.tile_pad}' if args.tile else 'no tiling'
     weights = args.model + (f' [{info["param_key"]}]' if info.get('param_key') else '')
     layout = ('channels_last' if args.channels_last else 'NCHW') if backend == 'torch' else info['prepared']
+    if args.compile:
+        layout += ', torch.compile'
+
     if kind == 'SDFlow':
         temperature = net.temperature if args.temperature is None else args.temperature
         task = 'downscaling HR photos' if args.downscale else 'SR'

@@ -36,7 +36,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--opt', help='option file with a network_g block (D2CNet)')
-    parser.add_argument('-m', '--model', help='checkpoint (.pth); alone, the tree shape is inferred from its keys')
+    parser.add_argument(
+        '-m', '--model', help='checkpoint (.pth or .safetensors); alone, the tree shape is inferred from its keys')
     parser.add_argument(
         '--param-key', default=None, help='state dict in the checkpoint (default: params_ema if present, else params)')
     parser.add_argument(

@@ -10,6 +10,7 @@ import sys
 
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr import train as basicsr_train
+from d2c_utils.accumulate_util import use_accumulating_loader
 from d2c_utils.entry_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
 
 
@@ -18,6 +19,8 @@ def main(argv=None):
     use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
     # BasicSR's own resume needs a GPU; ours maps states onto the run's device
     basicsr_train.load_resume_state = load_resume_state
+    # train.accumulate: N: every iteration draws N micro-batches (one optimiser step)
+    use_accumulating_loader(basicsr_train)
     run_pipeline(basicsr_train.train_pipeline, 'd2c-train')
 
 

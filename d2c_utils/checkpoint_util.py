@@ -5,8 +5,11 @@ Used by ``d2c-infer``, ``d2c-summary``, the demo, the benchmarks and ``D2CModel.
 
 Model files are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses pickled Python objects (that could run code) and loads only tensors and plain containers.
+``.safetensors`` files (``logger.save_format: safetensors``, or a converter's output named so) hold
+no code at all; every loader here reads both kinds through :func:`load_checkpoint`.
 """
 import hashlib
+import json
 import pickle
 import re
 from os import path as osp
@@ -34,11 +37,100 @@ def first_line(err):
     return (specific or lines or [''])[0][:200]
 
 
+# the metadata entry that marks a safetensors file written by save_checkpoint (its value: the layout version)
+SAFETENSORS_MARK = 'd2c_sr_checkpoint'
+
+
+def is_safetensors_file(path):
+    """True if ``path`` starts like a safetensors file (8-byte header length, then a JSON object).
+
+    Decided from the bytes, not the name, so a renamed file still loads the right way.
+    """
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') > 1
+
+
+def _json_metadata(value):
+    return json.dumps(value, default=str, sort_keys=False)
+
+
+def save_checkpoint(obj, path, metadata=None):
+    """Write a checkpoint dict atomically: ``.safetensors`` by the file name, else ``torch.save``.
+
+    A safetensors file holds tensors under flat names and strings as metadata, so the dict is
+    laid out as: every entry that is a dict of tensors (BasicSR's ``params`` / ``params_ema``, a
+    converter's ``params``) becomes tensors named ``<entry>.<key>``; every other entry (``network_g``,
+    ``converted_from``, ...) and ``metadata`` (provenance) become JSON strings in the file's
+    metadata. :func:`load_checkpoint` rebuilds the same dict, so both kinds load alike.
+
+    Args:
+        obj (dict): ``{'params': state_dict, ...}``.
+        path (str): ``*.safetensors`` or any other name (``torch.save``).
+        metadata (dict | None): More JSON-serialisable entries for a safetensors file's metadata
+            (a .pth gets them as the entry ``metadata``).
+    """
+    if not str(path).endswith('.safetensors'):
+        atomic_torch_save(dict(obj, metadata=metadata) if metadata else obj, path)
+        return
+    from safetensors.torch import save_file
+    tensors, meta = {}, {SAFETENSORS_MARK: '1'}
+    for key, value in obj.items():
+        if _is_state_dict(value):
+            # clone: safetensors refuses tensors that share memory (views, tied weights)
+            tensors.update({f'{key}.{name}': t.detach().cpu().contiguous().clone() for name, t in value.items()})
+        else:
+            meta[f'entry.{key}'] = _json_metadata(value)
+    meta.update({f'meta.{key}': _json_metadata(value) for key, value in (metadata or {}).items()})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _load_safetensors(path):
+    """The dict :func:`save_checkpoint` wrote; a safetensors file from elsewhere is a bare state dict."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    try:
+        with safe_open(path, 'pt') as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f'cannot read {path}: corrupt or not a safetensors file ({first_line(err)})') from None
+    if SAFETENSORS_MARK not in meta:
+        return tensors  # e.g. a state dict saved by another toolbox: select_state_dict takes it as is
+    ckpt = {}
+    for name, tensor in tensors.items():
+        entry, _, key = name.partition('.')
+        ckpt.setdefault(entry, {})[key] = tensor
+    try:
+        for key, value in meta.items():
+            if key.startswith('entry.'):
+                ckpt[key[len('entry.'):]] = json.loads(value)
+        extra = {key[len('meta.'):]: json.loads(value) for key, value in meta.items() if key.startswith('meta.')}
+    except json.JSONDecodeError as err:
+        raise UserError(f'cannot read {path}: its metadata is not valid JSON ({err})') from None
+    if extra:
+        ckpt['metadata'] = extra
+    return ckpt
+
+
+def existing_weights_file(path):
+    """``path``, or its ``.safetensors`` twin when only that exists (BasicSR's resume names ``net_g_<iter>.pth``)."""
+    if path and not osp.isfile(path) and str(path).endswith('.pth'):
+        twin = str(path)[:-len('.pth')] + '.safetensors'
+        if osp.isfile(twin):
+            return twin
+    return path
+
+
 def load_checkpoint(path, what='--model <a .pth written by training>'):
-    """Read a model file safely.
+    """Read a model file safely: a ``torch.save`` file or a ``.safetensors`` file.
 
     Only tensors and plain containers are unpickled (``weights_only=True``); anything that
-    would need a Python global (a class, ``os.system``, ...) is refused.
+    would need a Python global (a class, ``os.system``, ...) is refused. safetensors files hold
+    no code; the dict :func:`save_checkpoint` wrote is rebuilt from their tensor names and metadata.
 
     Args:
         path (str): The file.
@@ -49,6 +141,8 @@ def load_checkpoint(path, what='--model <a .pth written by training>'):
     """
     if not osp.isfile(path):
         raise UserError(f'model file not found: {path} (pass {what})')
+    if is_safetensors_file(path):
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:

@@ -41,11 +41,11 @@ import torch
 
 from d2c_arch import bare_key, infer_dan_options
 from .checkpoint_util import (
-    atomic_write,
     atomic_write_text,
     dump_option_yaml,
     file_sha256,
     load_checkpoint,
+    save_checkpoint,
     test_option_dict,
 )
 from .errors import UserError
@@ -468,7 +468,7 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
             'tool': PROG,
         },
     }
-    atomic_write(output, lambda tmp: torch.save(result, tmp))
+    save_checkpoint(result, output)  # .safetensors by the output's name, else torch.save
     lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
     if opt_out:
         atomic_write_text(opt_out, opt_text)

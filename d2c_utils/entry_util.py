@@ -219,7 +219,8 @@ def load_latest_training_state(opt):
                    reverse=True)
     for it in iters:
         path = osp.join(state_dir, f'{it}.state')
-        if not osp.isfile(osp.join(models_dir, f'net_g_{it}.pth')):
+        # logger.save_format: safetensors writes net_g_<iter>.safetensors instead of .pth
+        if not any(osp.isfile(osp.join(models_dir, f'net_g_{it}.{ext}')) for ext in ('pth', 'safetensors')):
             warnings.warn(f'auto_resume: skipping {path}: its network {models_dir}/net_g_{it}.pth is missing.')
             continue
         try:

@@ -56,7 +56,7 @@ import numpy as np
 
 from d2c_arch import default_options
 from d2c_arch.upsample_util import upsampler_scale
-from .checkpoint_util import atomic_write, atomic_write_text, dump_option_yaml, file_sha256
+from .checkpoint_util import atomic_write_text, dump_option_yaml, file_sha256, save_checkpoint
 from .errors import UserError
 from .output_util import check_distinct
 
@@ -651,7 +651,6 @@ def convert_checkpoint_file(checkpoint,
     Returns:
         list[str]: lines to print for the user.
     """
-    import torch
     if template and not opt_out:
         raise UserError('--template needs --opt-out (where to write the test option file)')
     check_distinct({'OUTPUT': output, '--opt-out': opt_out}, {'CHECKPOINT': checkpoint, '--template': template})
@@ -708,7 +707,7 @@ def convert_checkpoint_file(checkpoint,
             'tool': PROG
         },
     }
-    atomic_write(output, lambda tmp: torch.save(checkpoint, tmp))
+    save_checkpoint(checkpoint, output)  # .safetensors by the output's name, else torch.save
     lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
 
     if opt_out:

@@ -62,11 +62,11 @@ import torch
 
 from d2c_arch import bare_key, infer_sdflow_options
 from .checkpoint_util import (
-    atomic_write,
     atomic_write_text,
     dump_option_yaml,
     file_sha256,
     load_checkpoint,
+    save_checkpoint,
     test_option_dict,
 )
 from .errors import UserError
@@ -615,7 +615,7 @@ def convert_files(hrnet, lrencoder, output, contentnet=None, degnet=None, opt_ou
             'tool': PROG,
         },
     }
-    atomic_write(output, lambda tmp: torch.save(result, tmp))
+    save_checkpoint(result, output)  # .safetensors by the output's name, else torch.save
     if opt_out:
         try:
             atomic_write_text(opt_out, opt_text)

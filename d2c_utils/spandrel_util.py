@@ -45,15 +45,41 @@ PAPER_BRANCH = 'RCANBranch'
 
 _CACHE = {}  # 'spandrel', 'error', 'architecture': made once, on first use
 
+# BasicSR's state dict keys, in the order a loader prefers them (params_ema: the EMA weights)
+PARAM_KEYS = ('params_ema', 'params')
+
+
+def unwrap_flat_checkpoint(state_dict):
+    """The network's state dict of a d2c-sr ``.safetensors`` file as spandrel reads it (flat names).
+
+    ``logger.save_format: safetensors`` stores BasicSR's ``{'params': ..., 'params_ema': ...}`` as
+    tensors named ``params.<key>`` / ``params_ema.<key>`` (see
+    :func:`d2c_utils.checkpoint_util.save_checkpoint`); spandrel unwraps nested dicts but not
+    these, so the ``params_ema`` (else ``params``) tensors are taken here, without the prefix.
+    Anything else is returned as it is.
+    """
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        return state_dict
+    if not all(isinstance(key, str) and '.' in key for key in state_dict):
+        return state_dict
+    prefixes = {key.split('.', 1)[0] for key in state_dict}
+    if prefixes <= set(PARAM_KEYS):
+        chosen = next(key for key in PARAM_KEYS if key in prefixes)
+        return {key[len(chosen) + 1:]: value for key, value in state_dict.items() if key.startswith(chosen + '.')}
+    return state_dict
+
 
 def is_d2c_state_dict(state_dict):
     """True if ``state_dict`` (spandrel's canonical form: unwrapped, ``module.`` removed) is D2CNet's.
 
     Every key must belong to one of D2CNet's parts (head, tree, res_convs, tails, convergence),
     and the head, the first tree node, the first leaf's residual conv and tail and the
-    convergence network must be there. Reads only the keys; never raises, whatever the file
-    held, because spandrel calls every architecture's ``detect`` on every model it loads.
+    convergence network must be there (a d2c-sr ``.safetensors`` file's ``params.`` prefixes are
+    removed first, see :func:`unwrap_flat_checkpoint`). Reads only the keys; never raises,
+    whatever the file held, because spandrel calls every architecture's ``detect`` on every model
+    it loads.
     """
+    state_dict = unwrap_flat_checkpoint(state_dict)
     if not isinstance(state_dict, Mapping) or not all(key in state_dict for key in D2C_REQUIRED_KEYS):
         return False
     has_node = has_tail = False
@@ -191,6 +217,7 @@ def load_descriptor(architecture, state_dict):
         D2CSpandrelError (see :func:`load_error_class`): what cannot be loaded, and why.
     """
     spandrel = _spandrel()
+    state_dict = unwrap_flat_checkpoint(state_dict)
     options, assumed = network_options(state_dict)
     d2c_arch, _ = _import_d2c_arch()
     from .checkpoint_util import mismatch_message

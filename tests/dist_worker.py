@@ -1,6 +1,9 @@
 """torchrun worker for the distributed test: d2c-train, then each rank dumps its own weights.
 
     torchrun --nproc_per_node=2 tests/dist_worker.py <dump dir> -opt <yml> --launcher pytorch
+
+With ``D2C_TEST_CORRUPT=<rank>:<iter>`` that rank sets one weight of net_g to inf before
+iteration ``iter`` (the roll-back test: its losses turn NaN while the other rank's stay finite).
 """
 import os
 import sys
@@ -18,6 +21,18 @@ _build_model = basicsr_train.build_model
 def _keep_model(opt):
     model = _build_model(opt)
     built.append(model)
+    corrupt = os.environ.get('D2C_TEST_CORRUPT')
+    if corrupt:
+        rank, at = map(int, corrupt.split(':'))
+        optimize = model.optimize_parameters
+
+        def optimize_parameters(current_iter):
+            if current_iter == at and torch.distributed.get_rank() == rank:
+                with torch.no_grad():
+                    next(model.get_bare_model(model.net_g).parameters()).view(-1)[0] = float('inf')
+            optimize(current_iter)
+
+        model.optimize_parameters = optimize_parameters
     return model
 
 

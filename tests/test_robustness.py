@@ -43,9 +43,9 @@ def test_two_process_cpu_training_matches_single_process(tmp_path, tiny_data):
     dist_yml = write_yaml(tmp_path / 'dist.yml', deterministic_opt(tiny_data, 'dist', batch=1))
     dump = tmp_path / 'dump'
     dump.mkdir()
-    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    # through this interpreter, as the DAN and SDFlow tests do: a venv's torchrun script may name another python
     result = subprocess.run([
-        torchrun, '--standalone', '--nproc_per_node=2',
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
         os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'),
         str(dump), '-opt', dist_yml, '--launcher', 'pytorch'
     ],
