@@ -5,6 +5,7 @@
 #   make test-fast - the tests without those marked slow (demo training, several processes)
 #   make lint   - lint only; `make format` rewrites the code to the project's style
 #   make bench  - benchmarks (print numbers; not part of the tests); real photos from D2C_SR_DATA
+#   make gpu-check - every CUDA path in one bounded run, a table to paste (CPU rows only without a GPU)
 
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ else
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install lint format test test-fast demo bench clean
+.PHONY: install lint format test test-fast demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -59,6 +60,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_export.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_loader.py
+
+gpu-check: $(STAMP)
+	mkdir -p results
+	$(BIN)/python benchmarks/gpu_check.py --json results/gpu_check.json
 
 clean:
 	rm -rf experiments results tb_logger build *.egg-info

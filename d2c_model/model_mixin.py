@@ -110,6 +110,13 @@ class PluginModelMixin:
         net = net.to(self.device)
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
+            if self.opt['dist']:
+                # DDP broadcasts buffers through one flat bucket and refuses to copy back into a
+                # channels_last (1, C, 1, 1) buffer (D2CNet's mean): buffers keep the NCHW layout
+                for module in net.modules():
+                    for name, buf in module._buffers.items():
+                        if buf is not None and buf.dim() == 4:
+                            module._buffers[name] = buf.clone(memory_format=torch.contiguous_format)
         if self.opt['dist']:
             device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
             net = DistributedDataParallel(

@@ -150,7 +150,8 @@ class SDFlowModel(PluginModelMixin, SRModel):
         return img.float() * 2 - 1 + noise * (2 / 255)
 
     def _lowpass(self, img):
-        return filter2D(img.float(), self.lowpass_kernel.expand(img.shape[0], -1, -1))
+        # BasicSR's filter2D reshapes with .view, which a channels_last tensor (train.channels_last) refuses
+        return filter2D(img.float().contiguous(), self.lowpass_kernel.expand(img.shape[0], -1, -1))
 
     def optimize_micro_batch(self, current_iter):
         hr, lq = self._dequantise(self.gt), self._dequantise(self.lq)

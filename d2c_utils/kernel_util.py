@@ -111,7 +111,7 @@ def degrade(hr, kernels, scale, downsample='bicubic', quantize=True):
     height, width = hr.shape[-2:]
     if height % scale or width % scale:
         raise UserError(f'HR size {width}x{height} is not a multiple of the scale {scale}; crop it (mod-crop) first')
-    blurred = filter2D(hr, kernels.to(hr))
+    blurred = filter2D(hr.contiguous(), kernels.to(hr))  # filter2D's .view refuses channels_last
     if downsample == 'decimate':
         lr = blurred[..., ::scale, ::scale]
     else:  # BasicSR's imresize takes one (C, H, W) image at a time
