@@ -102,40 +102,29 @@ def train_and_check(opt, work, name, expect_models=('net_g_latest.pth', )):
 
 
 # ------------------------------------------------------------------------------------------- steps
-def step_train_d2c(work, device, precision):
+def paired_data(work):
+    """Tiny HR/LR pairs for D2C under ``work/data/{train,val}``; returns that folder."""
     conftest = tiny_builders()[0]
     data = os.path.join(work, 'data')
     conftest.make_pairs(os.path.join(data, 'train'), seed=0)
     conftest.make_pairs(os.path.join(data, 'val'), seed=1)
-    opt = conftest.tiny_train_opt(data, name=f'd2c_{device}_{precision}')
+    return data
+
+
+def step_train_d2c(work, device, precision):
+    opt = tiny_builders()[0].tiny_train_opt(paired_data(work), name=f'd2c_{device}_{precision}')
     train_and_check(device_opt(opt, device, precision), work, 'd2c')
 
 
 def step_train_rrdb(work, device, precision):
-    conftest = tiny_builders()[0]
-    data = os.path.join(work, 'data')
-    conftest.make_pairs(os.path.join(data, 'train'), seed=0)
-    conftest.make_pairs(os.path.join(data, 'val'), seed=1)
-    opt = conftest.tiny_train_opt(data, name=f'rrdb_{device}_{precision}')
+    opt = tiny_builders()[0].tiny_train_opt(paired_data(work), name=f'rrdb_{device}_{precision}')
     opt['network_g'].update(branch_type='RRDBBranch', branch_opt={'num_grow_ch': 8}, upsampler='nearest+conv')
     train_and_check(device_opt(opt, device, precision), work, 'rrdb')
 
 
 def step_train_dan(work, device, precision):
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    from d2c_utils import kernel_util  # noqa: PLC0415
-    conftest, test_dan, _ = tiny_builders()
-    root = os.path.join(work, 'data')
-    conftest.make_pairs(os.path.join(root, 'train'), num=4, hr_size=32, seed=0)
-    conftest.make_pairs(os.path.join(root, 'val'), num=2, hr_size=32, seed=1)
-    os.makedirs(os.path.join(root, 'val', 'kernels'))
-    for name in os.listdir(os.path.join(root, 'val', 'LR')):
-        np.save(os.path.join(root, 'val', 'kernels', name[:-4] + '.npy'), kernel_util.isotropic_kernel(1.2, 11))
-    kernels, _ = kernel_util.sample_kernels(500, 1, 11, (0.2, 2.0), rng=np.random.default_rng(0))
-    pca = os.path.join(work, 'pca.pth')
-    torch.save({'pca_matrix': kernel_util.pca_matrix(kernels, 6)[0]}, pca)
+    test_dan = tiny_builders()[1]
+    root, pca = test_dan.make_dan_data(work)
     opt = test_dan.dan_train_opt(root, pca, name=f'dan_{device}_{precision}')
     train_and_check(device_opt(opt, device, precision), work, 'dan')
 
@@ -156,9 +145,7 @@ def step_dist_resume(work, device, precision):
     """torch.distributed.run with one process per GPU, SIGKILL after the first checkpoint, auto-resume."""
     import torch  # noqa: PLC0415
     conftest = tiny_builders()[0]
-    data = os.path.join(work, 'data')
-    conftest.make_pairs(os.path.join(data, 'train'), seed=0)
-    conftest.make_pairs(os.path.join(data, 'val'), seed=1)
+    data = paired_data(work)
     nproc = torch.cuda.device_count() if device == 'cuda' else 1
     opt = conftest.tiny_train_opt(data, name='dist', phases=(('divergence', 40), ('convergence', 20)))
     opt = device_opt(opt, device, precision)

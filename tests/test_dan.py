@@ -304,7 +304,12 @@ def dan_train_opt(root, pca, name='tiny_dan', total_iter=4, **train_overrides):
 
 @pytest.fixture
 def dan_data(tmp_path):
-    root = str(tmp_path / 'data')
+    return make_dan_data(str(tmp_path))
+
+
+def make_dan_data(folder):
+    """HR/LR pairs, the validation kernels and a PCA file under ``folder`` (also used by benchmarks/gpu_check.py)."""
+    root = os.path.join(folder, 'data')
     make_pairs(os.path.join(root, 'train'), num=4, hr_size=32, seed=0)
     make_pairs(os.path.join(root, 'val'), num=2, hr_size=32, seed=1)
     os.makedirs(os.path.join(root, 'val', 'kernels'))
@@ -312,7 +317,7 @@ def dan_data(tmp_path):
         np.save(
             os.path.join(root, 'val', 'kernels', name.replace('.png', '.npy')), kernel_util.isotropic_kernel(1.2, 11))
     kernels, _ = kernel_util.sample_kernels(500, 1, 11, (0.2, 2.0), rng=np.random.default_rng(0))
-    pca = str(tmp_path / 'pca.pth')
+    pca = os.path.join(folder, 'pca.pth')
     torch.save({'pca_matrix': kernel_util.pca_matrix(kernels, 6)[0]}, pca)
     return root, pca
 
