@@ -142,6 +142,29 @@ def run_train(cwd, yml, *extra, expect=0):
     return result
 
 
+def run_two_ranks(cwd, yml, **env):
+    """Train ``yml`` in two gloo processes through tests/dist_worker.py; returns (rank 0, rank 1) weights.
+
+    Runs ``torch.distributed.run`` through this interpreter: a venv's torchrun script may name another python.
+    """
+    import subprocess
+
+    import torch
+    dump = os.path.join(str(cwd), 'dump')
+    os.makedirs(dump)
+    result = subprocess.run([
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+        os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'), dump, '-opt', yml, '--launcher', 'pytorch'
+    ],
+                            cwd=str(cwd),
+                            env=dict(os.environ, OMP_NUM_THREADS='1', **env),
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return tuple(torch.load(os.path.join(dump, f'rank{r}.pth'), weights_only=True) for r in (0, 1))
+
+
 def read_log(exp_dir):
     """The text of the newest ``train_*.log`` of an experiment folder."""
     logs = sorted(f for f in os.listdir(exp_dir) if f.startswith('train_') and f.endswith('.log'))

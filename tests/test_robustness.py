@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_train_opt, write_yaml
+from conftest import run_two_ranks, tiny_train_opt, write_yaml
 from test_model import in_process_opt, iter_table, read_log, run_iters, snapshot, state_summary, train
 
 from basicsr.models import build_model
@@ -39,24 +39,8 @@ def deterministic_opt(data_root, name, batch):
 
 @pytest.mark.slow
 def test_two_process_cpu_training_matches_single_process(tmp_path, tiny_data):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
     dist_yml = write_yaml(tmp_path / 'dist.yml', deterministic_opt(tiny_data, 'dist', batch=1))
-    dump = tmp_path / 'dump'
-    dump.mkdir()
-    # through this interpreter, as the DAN and SDFlow tests do: a venv's torchrun script may name another python
-    result = subprocess.run([
-        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-        os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'),
-        str(dump), '-opt', dist_yml, '--launcher', 'pytorch'
-    ],
-                            cwd=str(tmp_path),
-                            env=env,
-                            capture_output=True,
-                            text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    rank0 = torch.load(dump / 'rank0.pth', weights_only=True)
-    rank1 = torch.load(dump / 'rank1.pth', weights_only=True)
+    rank0, rank1 = run_two_ranks(tmp_path, dist_yml)
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
     single_yml = write_yaml(tmp_path / 'single.yml', deterministic_opt(tiny_data, 'single', batch=2))

@@ -1,12 +1,10 @@
 """train.nonfinite: rollback: the last good state comes back after K non-finite steps, at most M times."""
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, read_log, write_yaml
+from conftest import read_log, run_two_ranks, write_yaml
 from test_model import in_process_opt
 from test_robustness import deterministic_opt
 
@@ -143,23 +141,7 @@ def test_two_process_rollback_keeps_the_ranks_together(tmp_path, tiny_data):
     opt = deterministic_opt(tiny_data, 'rollback', batch=1)
     opt['train'].update(nonfinite='rollback', rollback={'after': 2, 'max': 1, 'lr_factor': 0.5, 'every': 1})
     yml = write_yaml(tmp_path / 'rollback.yml', opt)
-    dump = tmp_path / 'dump'
-    dump.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS='1', D2C_TEST_CORRUPT='1:2')
-    # torch.distributed.run through this interpreter: a torchrun script's shebang may name another one
-    result = subprocess.run([
-        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-        os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'),
-        str(dump), '-opt', yml, '--launcher', 'pytorch'
-    ],
-                            cwd=str(tmp_path),
-                            env=env,
-                            capture_output=True,
-                            text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    rank0 = torch.load(dump / 'rank0.pth', weights_only=True)
-    rank1 = torch.load(dump / 'rank1.pth', weights_only=True)
+    rank0, rank1 = run_two_ranks(tmp_path, yml, D2C_TEST_CORRUPT='1:2')
     assert all(torch.isfinite(v).all() for v in rank1.values())
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     log = read_log(tmp_path / 'experiments' / 'rollback')
