@@ -35,7 +35,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 # the code the style covers (settings in pyproject.toml)
-CODE := d2c_arch d2c_data d2c_losses d2c_metrics d2c_model d2c_tools d2c_utils scripts benchmarks tests setup.py d2c_compat.py d2c_autoload.py
+CODE := d2c_utils d2c_arch d2c_data d2c_losses d2c_metrics d2c_inference d2c_convert d2c_deploy d2c_model d2c_tools scripts benchmarks tests setup.py d2c_compat.py d2c_autoload.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(CODE)

@@ -15,7 +15,7 @@ nothing until something imports ``basicsr``. Then it
 
 The same finder waits for ``import spandrel`` (the model loader of chaiNNer and ComfyUI):
 once spandrel has finished importing, it adds D2C-SR to ``spandrel.MAIN_REGISTRY``
-(:func:`d2c_utils.spandrel_util.install`), so ``ModelLoader().load_from_file`` loads D2C-SR
+(:func:`d2c_deploy.spandrel_util.install`), so ``ModelLoader().load_from_file`` loads D2C-SR
 checkpoints. Only the first D2C-SR model loaded imports ``d2c_arch`` (and with it basicsr, through
 the hook above); importing spandrel imports nothing of basicsr.
 
@@ -52,7 +52,7 @@ def _load_plugin():
 def _register_with_spandrel():
     try:
         # d2c_utils/__init__ and spandrel_util import nothing heavy: no basicsr, no d2c_arch until a D2C model loads
-        from d2c_utils.spandrel_util import install as install_in_spandrel
+        from d2c_deploy.spandrel_util import install as install_in_spandrel
         install_in_spandrel()
     except Exception as err:  # never break spandrel (and the program loading models with it) because of the plugin
         warnings.warn(

@@ -39,7 +39,10 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.8',
-    packages=['d2c_arch', 'd2c_data', 'd2c_losses', 'd2c_metrics', 'd2c_model', 'd2c_tools', 'd2c_utils'],
+    packages=[
+        'd2c_utils', 'd2c_arch', 'd2c_data', 'd2c_losses', 'd2c_metrics', 'd2c_inference', 'd2c_convert', 'd2c_deploy',
+        'd2c_model', 'd2c_tools'
+    ],
     py_modules=['d2c_compat', 'd2c_autoload'],
     cmdclass={'build_py': BuildPyWithAutoload},
     # safetensors: logger.save_format: safetensors and reading such files in every loader (no pickle, no code)

@@ -27,7 +27,7 @@ import yaml
 
 import d2c_model  # noqa: E402,F401
 from basicsr.models import build_model  # noqa: E402
-from d2c_utils.checkpoint_util import build_network  # noqa: E402
+from d2c_inference.checkpoint_util import build_network  # noqa: E402
 from d2c_utils.compile_util import CompiledCall, compile_options  # noqa: E402
 
 METHODS = ('d2c-divergence', 'd2c-convergence', 'd2c-joint', 'dan', 'sdflow')

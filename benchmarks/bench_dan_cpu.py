@@ -28,8 +28,8 @@ import yaml  # noqa: E402
 import d2c_model  # noqa: E402,F401  (registers DAN, DANModel; applies the compat shim before basicsr)
 from basicsr.metrics import calculate_psnr  # noqa: E402
 from basicsr.utils import tensor2img  # noqa: E402
-from d2c_utils import kernel_util  # noqa: E402
-from d2c_utils.dan_infer_util import load_dan  # noqa: E402
+from d2c_data import degradations  # noqa: E402
+from d2c_inference.dan_infer_util import load_dan  # noqa: E402
 from d2c_utils.eval_util import bicubic_upscale  # noqa: E402
 from scripts.demo import TRAIN_PHOTOS, load_photo  # noqa: E402
 
@@ -127,13 +127,13 @@ def evaluate(net, set5_dir):
     """Per sigma: mean Y-PSNR of bicubic / Restorer with the true kernel / DAN, and kernel errors per iteration."""
     names = sorted(f for f in os.listdir(set5_dir) if f.lower().endswith(('.png', '.jpg', '.bmp')))
     rows = []
-    for sigma in np.linspace(*kernel_util.GAUSSIAN8_SIGMAS[4], 8):
-        kernel = torch.from_numpy(kernel_util.isotropic_kernel(sigma, 21))
+    for sigma in np.linspace(*degradations.GAUSSIAN8_SIGMAS[4], 8):
+        kernel = torch.from_numpy(degradations.isotropic_kernel(sigma, 21))
         scores, errors = [], []
         for name in names:
             hr = cv2.imread(osp.join(set5_dir, name))
             hr = hr[:hr.shape[0] // 4 * 4, :hr.shape[1] // 4 * 4]
-            lq = kernel_util.degrade(to_tensor(hr), kernel[None], 4)
+            lq = degradations.degrade(to_tensor(hr), kernel[None], 4)
             true_code = net.encode(kernel[None])
             restorer_sr = net.restorer(lq, true_code)
             srs, kernels = net(lq, return_all=True)
@@ -158,8 +158,8 @@ def main(argv=None):
     os.makedirs(osp.join(work, 'HR'), exist_ok=True)
     for name in TRAIN_PHOTOS + EXTRA_PHOTOS:
         cv2.imwrite(osp.join(work, 'HR', f'{name}.png'), load_photo(name))
-    kernels, _ = kernel_util.sample_kernels(30000, 1, 21, (0.2, 4.0), rng=np.random.default_rng(0))
-    matrix, explained = kernel_util.pca_matrix(kernels, 10)
+    kernels, _ = degradations.sample_kernels(30000, 1, 21, (0.2, 4.0), rng=np.random.default_rng(0))
+    matrix, explained = degradations.pca_matrix(kernels, 10)
     pca = osp.join(work, 'pca.pth')
     torch.save({'pca_matrix': matrix}, pca)
     print(

@@ -15,7 +15,7 @@ each on real photos: a DRealSR LR crop (128x128), a DRealSR HR crop shrunk to 25
 Printed per input: seconds per image (median of ``--repeats``; the tiled photo once), the
 speed-up over plain and the agreement with plain (PSNR of the clamped outputs, peak 1, dB).
 The last lines name the fastest configuration at >= 50 dB and check it against what
-``d2c-infer --backend auto`` picks (d2c_utils/runtime_util.py, AUTO_ORDER_CPU).
+``d2c-infer --backend auto`` picks (d2c_deploy/runtime_util.py, AUTO_ORDER_CPU).
 
     python benchmarks/bench_export.py --data ../shared/data/DRealSR_x4_test_crops   # ~6 min on 2 cores
     python benchmarks/bench_export.py --repeats 1 --skip-tiled                       # quick
@@ -37,12 +37,12 @@ import torch  # noqa: E402
 from bench_infer_cpu import cpu_name, paper_net  # noqa: E402
 
 import d2c_model  # noqa: E402,F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_deploy.export_util import export_onnx  # noqa: E402
+from d2c_deploy.runtime_util import AUTO_ORDER_CPU, OnnxRuntimeModel, OpenVINOModel, read_onnx_metadata  # noqa: E402
+from d2c_inference.checkpoint_util import load_model  # noqa: E402
+from d2c_inference.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 from d2c_utils.eval_util import tensor_psnr  # noqa: E402
-from d2c_utils.export_util import export_onnx  # noqa: E402
 from d2c_utils.precision_util import cpu_has_native_bf16, precision_name, resolve_precision  # noqa: E402
-from d2c_utils.runtime_util import AUTO_ORDER_CPU, OnnxRuntimeModel, OpenVINOModel, read_onnx_metadata  # noqa: E402
-from d2c_utils.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 MIN_AGREEMENT_DB = 50.
 

@@ -43,11 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_infer_cpu import cpu_name, measure_memory, paper_net, parse_size, smooth_input  # noqa: E402
-from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_inference.checkpoint_util import load_model  # noqa: E402
 from d2c_utils.eval_util import tensor_psnr  # noqa: E402
 from d2c_utils.precision_util import autocast, cpu_has_native_bf16, precision_name, resolve_precision  # noqa: E402
 from d2c_utils.summary_util import count_macs  # noqa: E402
-from d2c_utils.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
+from d2c_inference.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 DEMO_MODEL = 'experiments/demo_D2C_x4/models/net_g_latest.pth:options/demo_D2C_x4.yml'
 

@@ -46,11 +46,11 @@ import yaml  # noqa: E402
 
 import d2c_model  # noqa: E402,F401  (registers D2CNet; applies the compat shim before basicsr)
 from d2c_arch import D2CNet  # noqa: E402
-from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_inference.checkpoint_util import load_model  # noqa: E402
+from d2c_inference.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 from d2c_utils.eval_util import tensor_psnr  # noqa: E402
 from d2c_utils.img_util import read_image, split_input  # noqa: E402
 from d2c_utils.precision_util import resolve_precision  # noqa: E402
-from d2c_utils.tile_util import GuardedForward, prepare_network, run_network, super_resolve  # noqa: E402
 
 
 def parse_size(text):

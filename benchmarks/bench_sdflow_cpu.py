@@ -36,9 +36,9 @@ import yaml
 
 import d2c_model  # noqa: F401,E402
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
-from d2c_utils.checkpoint_util import load_model  # noqa: E402
+from d2c_inference.checkpoint_util import load_model  # noqa: E402
+from d2c_inference.sdflow_infer_util import load_sdflow  # noqa: E402
 from d2c_utils.eval_util import psnr_ssim_y  # noqa: E402
-from d2c_utils.sdflow_infer_util import load_sdflow  # noqa: E402
 from d2c_utils.visual_util import labelled_grid  # noqa: E402
 
 REPO = bench_util.REPO_ROOT

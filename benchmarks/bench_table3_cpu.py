@@ -9,7 +9,7 @@ gives better PSNR with fewer parameters. For each backbone this benchmark
 
 1. writes the original network's BasicSR option file (``SRModel``, ``PairedImageDataset`` on the
    training split, L1 loss, Adam) as users do, and makes its D2C counterpart with the project's
-   swap library (``d2c_utils.swap_util.swap_options``, what ``d2c-swap`` runs): D2CNet sized to at
+   swap library (``d2c_convert.swap_util.swap_options``, what ``d2c-swap`` runs): D2CNet sized to at
    most the original's parameters, 90% divergence / 10% convergence of the same ``total_iter``;
 2. trains both with ``d2c_tools.train`` (BasicSR's training loop, CPU) for ``--iters`` iterations;
 3. super-resolves every held-out LR image whole and scores, on the Y channel with a 4-pixel
@@ -44,12 +44,12 @@ import d2c_model  # noqa: E402,F401  (registers D2CNet, IMDN, the losses and D2C
 from basicsr.utils import img2tensor, tensor2img  # noqa: E402
 from basicsr.utils import logger as basicsr_logger  # noqa: E402
 from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
+from d2c_convert.swap_util import swap_options  # noqa: E402
+from d2c_inference.checkpoint_util import load_checkpoint, load_model, select_state_dict  # noqa: E402
 from d2c_tools import train as d2c_train  # noqa: E402
-from d2c_utils.checkpoint_util import load_checkpoint, load_model, select_state_dict  # noqa: E402
 from d2c_utils.errors import UserError  # noqa: E402
 from d2c_utils.eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
 from d2c_utils.img_util import read_image  # noqa: E402
-from d2c_utils.swap_util import swap_options  # noqa: E402
 
 SCALE = 4
 # backbone flag -> (BasicSR arch type, label as in the paper's Table 3)
@@ -58,7 +58,7 @@ DEFAULT_ITERS = 1000
 
 ORIGINAL_OPT = """\
 # {label} (original network) for bench_table3_cpu.py; its D2C counterpart is made from this file
-# by d2c_utils.swap_util.swap_options (what d2c-swap runs).
+# by d2c_convert.swap_util.swap_options (what d2c-swap runs).
 name: {name}
 model_type: SRModel
 scale: {scale}

@@ -66,7 +66,7 @@ def last_error(proc):
 def weights_finite(path):
     import torch  # noqa: PLC0415
 
-    from d2c_utils.checkpoint_util import load_checkpoint  # noqa: PLC0415
+    from d2c_inference.checkpoint_util import load_checkpoint  # noqa: PLC0415
     ckpt = load_checkpoint(path)
     params = ckpt.get('params', ckpt)
     return all(torch.isfinite(v).all() for v in params.values() if torch.is_tensor(v) and v.is_floating_point())
@@ -194,8 +194,8 @@ def step_infer_agreement(work, device, precision):
     """Tiled vs untiled and reduced precision vs fp32 on d2c-infer's forward path (PSNR in dB)."""
     import torch  # noqa: PLC0415
 
+    from d2c_inference.tile_util import GuardedForward, prepare_network, super_resolve  # noqa: PLC0415
     from d2c_utils.precision_util import resolve_precision  # noqa: PLC0415
-    from d2c_utils.tile_util import GuardedForward, prepare_network, super_resolve  # noqa: PLC0415
     net = prepare_network(_tiny_d2c(device), True)
     torch.manual_seed(1)
     img = torch.rand(1, 3, 96, 80)
@@ -219,8 +219,8 @@ def step_infer_fallback(work, device, precision):
     """An injected non-finite reduced-precision output must fall back to fp32 with one warning."""
     import torch  # noqa: PLC0415
 
+    from d2c_inference.tile_util import GuardedForward  # noqa: PLC0415
     from d2c_utils.precision_util import resolve_precision  # noqa: PLC0415
-    from d2c_utils.tile_util import GuardedForward  # noqa: PLC0415
     net = _tiny_d2c(device)
 
     class OverflowsWhenReduced(torch.nn.Module):
@@ -256,7 +256,7 @@ def step_onnxruntime(work, device, precision):
         return result('skipped', f'{provider} not available (.venv/bin/pip install onnxruntime-gpu)')
     import torch  # noqa: PLC0415
 
-    from d2c_utils.export_util import export_onnx  # noqa: PLC0415
+    from d2c_deploy.export_util import export_onnx  # noqa: PLC0415
     net = _tiny_d2c('cpu')
     path = os.path.join(work, 'tiny.onnx')
     net_opt = {'type': 'D2CNet', 'num_feat': 16, 'num_group': 1, 'num_block': 2, 'reduction': 4, 'upscale': 4}

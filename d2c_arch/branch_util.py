@@ -15,7 +15,7 @@ names. Besides ``__init__`` a branch class has
 * ``read_options(node_state, num_feat)``: the options one node's weights determine (keys
   relative to ``tree.0.0.``), or None when the weights are not this branch's;
 * ``counterpart(net_opt)``: D2CNet options that keep the original's hyper-parameters, and the
-  original's depth in ``depth_option`` units (see d2c_utils/swap_util.py).
+  original's depth in ``depth_option`` units (see d2c_convert/swap_util.py).
 
 Where each backbone's global structure goes in the tree is written in each class's docstring;
 the common rule: the original's *long skip* (and the conv just before it) is the tree's

@@ -1,9 +1,7 @@
 """Data sets of d2c-sr; importing this package registers them in BasicSR's ``DATASET_REGISTRY``."""
-import d2c_compat
+import d2c_compat  # noqa: F401,I001  (before the first ``import basicsr``)
 
-d2c_compat.apply()  # must run before the first ``import basicsr``
-
-from .hr_image_dataset import HRImageDataset  # noqa: E402
-from .unpaired_image_dataset import UnpairedImageDataset  # noqa: E402
+from .hr_image_dataset import HRImageDataset
+from .unpaired_image_dataset import UnpairedImageDataset
 
 __all__ = ['HRImageDataset', 'UnpairedImageDataset']

@@ -5,11 +5,9 @@
 ``calculate_lpips`` / ``calculate_dists``: perceptual distances through the ``lpips`` and ``piq``
 packages (the extra ``perceptual``; see :mod:`.perceptual_metric`), LPIPS being the paper's Table 2 metric.
 """
-import d2c_compat
+import d2c_compat  # noqa: F401,I001  (before the first ``import basicsr``)
 
-d2c_compat.apply()  # must run before the first ``import basicsr``
-
-from .d2c_metric import calculate_psnr_d2c, calculate_ssim_d2c  # noqa: E402
-from .perceptual_metric import calculate_dists, calculate_lpips  # noqa: E402
+from .d2c_metric import calculate_psnr_d2c, calculate_ssim_d2c
+from .perceptual_metric import calculate_dists, calculate_lpips
 
 __all__ = ['calculate_psnr_d2c', 'calculate_ssim_d2c', 'calculate_lpips', 'calculate_dists']

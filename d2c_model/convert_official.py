@@ -2,9 +2,7 @@
 
 The tool lives in :mod:`d2c_tools.convert_official`; this module only forwards to it.
 """
-import sys
+import runpy
 
-from d2c_tools.convert_official import main
-
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # run by name, not imported: models sit below the tools and never import them
+    runpy.run_module('d2c_tools.convert_official', run_name='__main__', alter_sys=True)

@@ -3,7 +3,7 @@
 Training (``datasets.train`` gives HR crops ``gt``, e.g. :class:`d2c_data.HRImageDataset` on
 DIV2K + Flickr2K sub-images, folders or LMDB): every iteration draws one kernel per image
 (``train.degradation``: setting 1 isotropic / setting 2 anisotropic, see
-:mod:`d2c_utils.kernel_util`), makes the LR batch on the model's device (blur, bicubic or
+:mod:`d2c_data.degradations`), makes the LR batch on the model's device (blur, bicubic or
 s-fold decimation, 8-bit rounding) and minimises
 
     L = pixel_opt(x_T, x_HR) + kernel_opt(k_T, k_gt)
@@ -29,8 +29,8 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-# the module, not its names: importing kernel_util first imports basicsr, whose autoload imports this file
-from d2c_utils import kernel_util
+# the module, not its names: importing degradations first imports basicsr, whose autoload imports this file
+from d2c_data import degradations
 from d2c_utils.errors import UserError
 from d2c_utils.precision_util import autocast
 from .model_mixin import PluginModelMixin
@@ -46,7 +46,7 @@ class DANModel(PluginModelMixin, SRModel):
         train.kernel_opt (dict): Loss on the last kernel estimate (e.g. ``{type: L1Loss}``).
         train.degradation (dict): ``setting`` (1 | 2), ``sigma_range``, ``noise`` (setting 2),
             ``downsample`` ('bicubic' | 'decimate'); the kernel size is ``network_g.kernel_size``.
-            Defaults: :func:`d2c_utils.kernel_util.default_kernel_options` for the scale.
+            Defaults: :func:`d2c_data.degradations.default_kernel_options` for the scale.
     """
 
     def __init__(self, opt):
@@ -69,7 +69,7 @@ class DANModel(PluginModelMixin, SRModel):
 
     def _degradation_options(self, opt):
         deg = dict(opt['train'].get('degradation') or {})
-        defaults = kernel_util.default_kernel_options(deg.get('setting', 1), self.scale)
+        defaults = degradations.default_kernel_options(deg.get('setting', 1), self.scale)
         defaults['downsample'] = 'bicubic'
         unknown = sorted(set(deg) - set(defaults) - {'noise'})
         if unknown:
@@ -81,8 +81,9 @@ class DANModel(PluginModelMixin, SRModel):
                 raise UserError(f'train.degradation.kernel_size={deg["kernel_size"]} but network_g.kernel_size={size}; '
                                 'the Estimator outputs kernels of the network size: make them equal')
             deg['kernel_size'] = size
-        if deg['downsample'] not in kernel_util.DOWNSAMPLES:
-            raise UserError(f'train.degradation.downsample={deg["downsample"]!r}; use one of {kernel_util.DOWNSAMPLES}')
+        if deg['downsample'] not in degradations.DOWNSAMPLES:
+            raise UserError(
+                f'train.degradation.downsample={deg["downsample"]!r}; use one of {degradations.DOWNSAMPLES}')
         return deg
 
     # ------------------------------------------------------------------------ set-up
@@ -132,7 +133,7 @@ class DANModel(PluginModelMixin, SRModel):
             return
         self.gt = data['gt'].to(self.device)
         deg = self.degradation
-        kernels, _ = kernel_util.sample_kernels(
+        kernels, _ = degradations.sample_kernels(
             self.gt.size(0),
             deg['setting'],
             deg['kernel_size'],
@@ -141,7 +142,7 @@ class DANModel(PluginModelMixin, SRModel):
             rng=self.rng)
         self.kernel_gt = torch.from_numpy(kernels).to(self.device)
         with torch.no_grad():
-            self.lq = kernel_util.degrade(self.gt, self.kernel_gt, self.scale, deg['downsample'])
+            self.lq = degradations.degrade(self.gt, self.kernel_gt, self.scale, deg['downsample'])
         if self.channels_last:
             self.lq = self.lq.contiguous(memory_format=torch.channels_last)
 

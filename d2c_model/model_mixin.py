@@ -5,7 +5,7 @@ Put it first among the bases, ``class MyModel(PluginModelMixin, SRModel)``, and 
 
 * precision and memory layout from YAML: ``train.precision`` (autocast with a GradScaler for
   fp16), ``train.channels_last``, ``val.precision`` / ``val.channels_last`` (validation through a
-  :class:`~d2c_utils.tile_util.GuardedForward` that falls back to fp32 on broken outputs);
+  :class:`~d2c_inference.tile_util.GuardedForward` that falls back to fp32 on broken outputs);
 * the non-finite-loss policy ``train.nonfinite: error | skip | rollback`` (all ranks act together;
   ``rollback`` restores the last good in-memory state after ``train.rollback.after`` non-finite steps,
   see :mod:`d2c_model.rollback`);
@@ -18,11 +18,11 @@ Put it first among the bases, ``class MyModel(PluginModelMixin, SRModel)``, and 
 * ``logger.save_format: pth | safetensors`` for the network files (options and provenance in a
   safetensors file's metadata); training states stay BasicSR's ``.state``;
 * weights-only, checked loading of ``path.pretrain_network_g`` through the project's one loader
-  (:mod:`d2c_utils.checkpoint_util`), with one clear message when the weights do not fit;
+  (:mod:`d2c_inference.checkpoint_util`), with one clear message when the weights do not fit;
 * atomic saves of networks and training states, and no save of a network with NaN/inf weights;
 * distributed training on CPU (gloo) as well as GPU, and any ``torch.optim`` optimizer by name.
 
-Resuming on a CPU-only machine is handled by the entry points (:mod:`d2c_utils.entry_util`),
+Resuming on a CPU-only machine is handled by the entry points (:mod:`d2c_tools.pipeline_util`),
 which map saved states onto the run's device.
 """
 import contextlib
@@ -36,18 +36,18 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 from d2c_arch import bare_key
-from d2c_utils.accumulate_util import MicroBatches, accumulate_steps
-from d2c_utils.checkpoint_util import (
+from d2c_inference.checkpoint_util import (
     atomic_torch_save,
     existing_weights_file,
     load_checkpoint,
     load_weights,
     save_checkpoint,
 )
+from d2c_inference.tile_util import GuardedForward
+from d2c_utils.accumulate_util import MicroBatches, accumulate_steps
 from d2c_utils.compile_util import CompiledCall, compile_options
 from d2c_utils.errors import UserError
 from d2c_utils.precision_util import autocast, resolve_precision
-from d2c_utils.tile_util import GuardedForward
 from .rollback import RollbackGuard, rollback_options
 
 NONFINITE_POLICIES = ('error', 'skip', 'rollback')
@@ -372,7 +372,7 @@ class PluginModelMixin:
         ``logger.save_format: safetensors`` writes ``<label>_<iter>.safetensors`` instead of
         ``.pth``: the same ``params`` / ``params_ema`` state dicts, plus the network's options
         (``network_g``, so d2c-infer needs no --opt) and the run's options and provenance in the
-        metadata (see :func:`d2c_utils.checkpoint_util.save_checkpoint`).
+        metadata (see :func:`d2c_inference.checkpoint_util.save_checkpoint`).
         """
         nets = net if isinstance(net, list) else [net]
         param_keys = param_key if isinstance(param_key, list) else [param_key]

@@ -1,4 +1,4 @@
-"""d2c-sr's command-line tools; each module is argparse plus calls into :mod:`d2c_utils`.
+"""d2c-sr's command-line tools; each module is argparse plus calls into the library packages.
 
 =========================  ===============================  =========================================
 console script             module                           what it does
@@ -13,3 +13,4 @@ console script             module                           what it does
 ``python -m d2c_tools.<module>`` works as well; the older ``python -m d2c_model.<module>`` spellings
 are kept as forwarding modules.
 """
+import d2c_compat  # noqa: F401  (before the first ``import basicsr``)

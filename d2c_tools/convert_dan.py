@@ -4,12 +4,12 @@
     python -m d2c_tools.convert_dan ...              (the same)
 
 The file is read with ``torch.load(weights_only=True)``: no code from it runs. See
-:mod:`d2c_utils.dan_convert_util` for what the conversion does.
+:mod:`d2c_convert.dan_convert_util` for what the conversion does.
 """
 import argparse
 import sys
 
-from d2c_utils.dan_convert_util import DEFAULT_LOOP, PROG, convert_checkpoint_file
+from d2c_convert.dan_convert_util import DEFAULT_LOOP, PROG, convert_checkpoint_file
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
 
 

@@ -4,13 +4,13 @@
     python -m d2c_tools.convert_official ...         (the same)
 
 The file is read without MegEngine and without running code from it; see
-:mod:`d2c_utils.official_util` for what the conversion does.
+:mod:`d2c_convert.official_util` for what the conversion does.
 """
 import argparse
 import sys
 
+from d2c_convert.official_util import CHANNEL_ORDERS, PROG, convert_checkpoint_file
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
-from d2c_utils.official_util import CHANNEL_ORDERS, PROG, convert_checkpoint_file
 
 
 def build_parser():

@@ -6,13 +6,13 @@
     python -m d2c_tools.convert_sdflow ...              (the same)
 
 The files are read with ``torch.load(weights_only=True)``: no code from them runs. See
-:mod:`d2c_utils.sdflow_convert_util` for what the conversion does.
+:mod:`d2c_convert.sdflow_convert_util` for what the conversion does.
 """
 import argparse
 import sys
 
+from d2c_convert.sdflow_convert_util import PROG, convert_files
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
-from d2c_utils.sdflow_convert_util import PROG, convert_files
 
 
 def build_parser():

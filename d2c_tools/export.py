@@ -24,10 +24,10 @@ import sys
 from os import path as osp
 
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_utils import export_util
-from d2c_utils.checkpoint_util import load_model
+from d2c_deploy import export_util
+from d2c_deploy.export_util import CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, OUTPUTS
+from d2c_inference.checkpoint_util import load_model
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
-from d2c_utils.export_util import CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, OUTPUTS
 
 PROG = 'd2c-export'
 

@@ -31,12 +31,10 @@ import sys
 from tqdm import tqdm
 
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_utils.checkpoint_util import load_model
-from d2c_utils.compile_util import CompiledCall, compile_options
-from d2c_utils.dan_infer_util import load_dan, model_type
-from d2c_utils.errors import ImageError, UserError, command_line_tool, report_user_error
-from d2c_utils.img_util import DEFAULT_MAX_PIXELS, list_inputs
-from d2c_utils.infer_util import (
+from d2c_deploy.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
+from d2c_inference.checkpoint_util import load_model
+from d2c_inference.dan_infer_util import load_dan, model_type
+from d2c_inference.infer_util import (
     PERCEPTUAL_METRICS,
     OutputOptions,
     earlier_outputs,
@@ -47,10 +45,12 @@ from d2c_utils.infer_util import (
     select_precision,
     write_metrics,
 )
+from d2c_inference.sdflow_infer_util import load_sdflow, process_sdflow_image
+from d2c_inference.tile_util import GuardedForward, prepare_network
+from d2c_utils.compile_util import CompiledCall, compile_options
+from d2c_utils.errors import ImageError, UserError, command_line_tool, report_user_error
+from d2c_utils.img_util import DEFAULT_MAX_PIXELS, list_inputs
 from d2c_utils.precision_util import precision_name
-from d2c_utils.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
-from d2c_utils.sdflow_infer_util import load_sdflow, process_sdflow_image
-from d2c_utils.tile_util import GuardedForward, prepare_network
 
 PROG = 'd2c-infer'
 # documented default context around a tile, in LR pixels (see docs/inference.md, tiling)

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_utils.checkpoint_util import build_network, load_model, network_options
+from d2c_inference.checkpoint_util import build_network, load_model, network_options
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
 from d2c_utils.summary_util import describe, summarize
 

@@ -9,7 +9,7 @@ import sys
 
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr.test import test_pipeline
-from d2c_utils.entry_util import normalise_argv, run_pipeline, use_plugin_dist_init
+from d2c_tools.pipeline_util import normalise_argv, run_pipeline, use_plugin_dist_init
 
 
 def main(argv=None):

@@ -10,8 +10,8 @@ import sys
 
 import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
 from basicsr import train as basicsr_train
+from d2c_tools.pipeline_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
 from d2c_utils.accumulate_util import use_accumulating_loader
-from d2c_utils.entry_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
 
 
 def main(argv=None):

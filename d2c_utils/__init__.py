@@ -1,15 +1,19 @@
-"""The library shared by d2c-sr's models and command-line tools.
+"""The ground layer of d2c-sr: what every other package uses, importing no other package of ours.
 
-Checkpoint loading (:mod:`.checkpoint_util`), image reading and writing (:mod:`.img_util`),
-forward passes with tiling and reduced precision (:mod:`.tile_util`, :mod:`.precision_util`),
-scores (:mod:`.eval_util`), pictures (:mod:`.visual_util`), inference of image files
-(:mod:`.infer_util`), network summaries (:mod:`.summary_util`), the authors' checkpoint format
-(:mod:`.official_util`), the one output writer (:mod:`.output_util`: atomic, fsynced, never over
-an input), option files loaded with limits and checked by one table (:mod:`.option_check`), the
-checks of BasicSR's file client and LMDBs (:mod:`.data_guard`) and the patches around BasicSR's
-train/test pipelines (:mod:`.entry_util`). The command-line tools themselves live in :mod:`d2c_tools`.
+* :mod:`.errors`: ``UserError`` / ``ImageError`` and the one way a tool reports them (exit 2, one line).
+* :mod:`.output_util`: atomic files (whole or not at all, never over an input), file hashes, full disks.
+* :mod:`.option_check`: the one option-file reader (size and alias limits, no ``!!python`` tags) and the
+  one table of option checks; YAML written in BasicSR's style.
+* :mod:`.img_util`: the one image reader and writer (gray, RGB, alpha, 16-bit; no torch).
+* :mod:`.precision_util`: autocast and which reduced precision a device runs natively.
+* :mod:`.eval_util`: scores (Y-PSNR/SSIM through BasicSR, bicubic baseline, oracle fusion, tensor PSNR).
+* :mod:`.visual_util`: pictures (heatmaps, labelled grids).
+* :mod:`.summary_util`: parameters and MACs of any ``nn.Module``, part by part.
+* Training support that knows no method: :mod:`.compile_util` (``torch.compile`` with its eager
+  fall-back), :mod:`.accumulate_util` (micro-batches of gradient accumulation), :mod:`.data_guard`
+  (checks of BasicSR's file client and LMDBs).
 
-Importing the package is free: the modules that import basicsr apply :mod:`d2c_compat` first
-themselves, and :mod:`.img_util` needs neither basicsr nor torch, so that data preparation
-(``scripts/prepare_data.py``) reads images through it and still starts in a fraction of a second.
+Importing the package is free (no torch); :mod:`d2c_compat` is applied here for interpreters
+without the start-up hook, before any module imports basicsr.
 """
+import d2c_compat  # noqa: F401  (before the first ``import basicsr``)

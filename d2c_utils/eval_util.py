@@ -9,12 +9,8 @@ import cv2
 import numpy as np
 import torch
 
-import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
-
-d2c_compat.apply()
-
-from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
-from .img_util import to_bgr  # noqa: E402
+from basicsr.metrics import calculate_psnr, calculate_ssim
+from .img_util import to_bgr
 
 
 def oracle_fusion(branches, gt):

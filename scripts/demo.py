@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import d2c_model  # noqa: E402,F401  (registers D2CNet, the losses, D2CModel; applies the compat shim)
 from basicsr.data.degradations import random_add_gaussian_noise, random_mixed_kernels  # noqa: E402
 from basicsr.utils import img2tensor, tensor2img  # noqa: E402
+from d2c_inference.checkpoint_util import load_model  # noqa: E402
 from d2c_tools import train as d2c_train  # noqa: E402
-from d2c_utils.checkpoint_util import load_model  # noqa: E402
 from d2c_utils.eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
 from d2c_utils.img_util import read_image  # noqa: E402
 from d2c_utils.visual_util import labelled_grid, weight_heatmap  # noqa: E402

@@ -6,13 +6,13 @@ RGB, RGBA, 8 or 16 bit: each is made 8-bit 3-channel, as BasicSR's reader would)
 bottom/right to a multiple of ``--scale`` (mod-crop) and write folders that BasicSR's
 ``PairedImageDataset`` reads directly (``dataroot_gt`` / ``dataroot_lq``), plus the kernel of
 every LR image as ``<stem>.npy`` (float32 (l, l), sums to 1) and a picture ``<stem>.png``
-(:func:`d2c_utils.kernel_util.kernel_picture`) in a ``kernels*`` folder named like the LR folder,
+(:func:`d2c_data.degradations.kernel_picture`) in a ``kernels*`` folder named like the LR folder,
 which ``DANModel`` reads as ``dataroot_kernel`` to report the kernel error.
 
 **gaussian8** (setting 1; the test sets of DAN's tables): for each of 8 widths
 ``sigma = np.linspace(*GAUSSIAN8_SIGMAS[scale], 8)`` (x2 0.80-1.60, x3 1.35-2.40, x4 1.80-3.20) the
 HR image is blurred with the isotropic kernel of side 21 and downscaled by
-:func:`d2c_utils.kernel_util.degrade` (BasicSR's filter2D with reflect padding, MATLAB-style
+:func:`d2c_data.degradations.degrade` (BasicSR's filter2D with reflect padding, MATLAB-style
 bicubic, 8-bit rounding: the official degradation)::
 
     <out>/HR/<name>.png                        mod-cropped HR, once per image
@@ -55,7 +55,7 @@ the same kind, not a copy. The saved kernel is the one that gives the LR with
 ``degrade(hr, k, s, 'decimate')``, off-centre by (s-1)/2; DAN estimates centred kernels for bicubic
 downscaling, so its kernel error against these is not meaningful. ``--downsample bicubic`` makes
 DANv2's setting-2 training degradation instead: a centred kernel of side 11 (x2) / 21 (x3) / 31 (x4)
-from :func:`d2c_utils.kernel_util.sample_kernels`, blur + bicubic; there the kernel error is meaningful.
+from :func:`d2c_data.degradations.sample_kernels`, blur + bicubic; there the kernel error is meaningful.
 
 **kernels** (Gaussian8 sets in the official naming): DAN's ``generate_mod_blur_LR_bic.py`` writes
 ``HR/x<s>/sig<sigma>_<name>.png`` and ``LRblur/x<s>/sig<sigma>_<name>.png`` (``sigma`` as Python prints
@@ -104,7 +104,7 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run from a checkout too
 from basicsr.data.degradations import mesh_grid, pdf2, sigma_matrix2  # noqa: E402
-from d2c_utils import kernel_util  # noqa: E402
+from d2c_data import degradations  # noqa: E402
 from d2c_utils.errors import ImageError, UserError, report_user_error  # noqa: E402
 from d2c_utils.img_util import read_image  # noqa: E402
 
@@ -131,7 +131,7 @@ def build_parser():
         'exit codes: 0 written, 1 some images skipped (listed; the others written), 2 usage error (nothing written)',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest='mode', metavar='MODE', required=True)
-    widths = ', '.join(f'x{s} {lo:.2f}-{hi:.2f}' for s, (lo, hi) in sorted(kernel_util.GAUSSIAN8_SIGMAS.items()))
+    widths = ', '.join(f'x{s} {lo:.2f}-{hi:.2f}' for s, (lo, hi) in sorted(degradations.GAUSSIAN8_SIGMAS.items()))
     g8 = modes.add_parser(
         'gaussian8',
         help='8 isotropic Gaussian widths per image (setting 1; deterministic, no seed)',
@@ -163,18 +163,18 @@ def build_parser():
     rk.add_argument(
         '--sigma-min',
         type=float,
-        default=kernel_util.ANISO_SIGMA[0],
-        help=f'lowest sigma (default {kernel_util.ANISO_SIGMA[0]})')
+        default=degradations.ANISO_SIGMA[0],
+        help=f'lowest sigma (default {degradations.ANISO_SIGMA[0]})')
     rk.add_argument(
         '--sigma-max',
         type=float,
-        default=kernel_util.ANISO_SIGMA[1],
-        help=f'highest sigma (default {kernel_util.ANISO_SIGMA[1]})')
+        default=degradations.ANISO_SIGMA[1],
+        help=f'highest sigma (default {degradations.ANISO_SIGMA[1]})')
     rk.add_argument(
         '--noise',
         type=float,
-        default=kernel_util.ANISO_NOISE,
-        help=f'every tap times 1 + U(0, noise) (default {kernel_util.ANISO_NOISE})')
+        default=degradations.ANISO_NOISE,
+        help=f'every tap times 1 + U(0, noise) (default {degradations.ANISO_NOISE})')
     rk.add_argument('--seed', type=int, default=0, help='random seed: the same seed gives the same set (default 0)')
     kn = modes.add_parser(
         'kernels',
@@ -206,7 +206,7 @@ def resolve(args):
     """Check the flags and folders; return the plan (dict). Raise UserError naming the flag or path."""
     plan = {'mode': args.mode, 'scale': args.scale}
     if args.mode == 'gaussian8':
-        low, high = kernel_util.GAUSSIAN8_SIGMAS[args.scale]
+        low, high = degradations.GAUSSIAN8_SIGMAS[args.scale]
         low = args.sigma_min if args.sigma_min is not None else low
         high = args.sigma_max if args.sigma_max is not None else high
         if not 0 < low <= high:
@@ -229,7 +229,7 @@ def resolve(args):
         if args.noise < 0:
             raise UserError(f'--noise {args.noise} must be >= 0')
         size = (3 * DIV2KRK_BASE - 2 if args.scale == 4 else DIV2KRK_BASE) if args.downsample == 'decimate' else \
-            kernel_util.KERNEL_SIZE[(2, args.scale)]
+            degradations.KERNEL_SIZE[(2, args.scale)]
         plan.update(
             downsample=args.downsample,
             kernel_size=size,
@@ -308,7 +308,7 @@ def make_kernels(plan):
         for name in tqdm(plan['files'], desc='kernels', unit='image'):
             sigma, stem = plan['sigmas'][name], osp.splitext(name)[0]
             first = firsts.setdefault(sigma, stem)
-            writer.kernel(stem, kernel_util.isotropic_kernel(sigma, plan['kernel_size']),
+            writer.kernel(stem, degradations.isotropic_kernel(sigma, plan['kernel_size']),
                           None if first == stem else first)
             widths.setdefault(f'{sigma:.2f}', []).append(name)
         if len(widths) != len(firsts):
@@ -393,7 +393,7 @@ def compose_twice(kernel):
 def div2krk_kernel(rng, plan):
     """One setting-2 kernel (float32 (l, l), sums to 1) for the plan's downsampling, and its parameters."""
     if plan['downsample'] == 'bicubic':
-        kernels, params = kernel_util.sample_kernels(
+        kernels, params = degradations.sample_kernels(
             1, 2, plan['kernel_size'], plan['sigma_range'], plan['noise'], rng=rng)
         return kernels[0], dict(zip(('sigma_x', 'sigma_y', 'theta'), map(float, params[0])))
     # x2: centre of mass (2-1)/2 = 0.5 px off; x4: the x2 kernel twice, 2 * 0.5 + 0.5 = 1.5 = (4-1)/2
@@ -433,8 +433,8 @@ def to_image(tensor):
 
 
 def low_res(hr, kernel, scale, downsample):
-    """LR uint8 image of an HR uint8 image: exactly ``kernel_util.degrade`` (8-bit rounding included)."""
-    return to_image(kernel_util.degrade(to_tensor(hr), torch.from_numpy(kernel)[None], scale, downsample))
+    """LR uint8 image of an HR uint8 image: exactly ``degradations.degrade`` (8-bit rounding included)."""
+    return to_image(degradations.degrade(to_tensor(hr), torch.from_numpy(kernel)[None], scale, downsample))
 
 
 # ----------------------------------------------------------------------------
@@ -483,7 +483,7 @@ class Writer:
             self.link(rel_stem + '.png', first + '.png')
         else:
             self.array(rel_stem + '.npy', kernel.astype(np.float32))
-            self.image(rel_stem + '.png', kernel_util.kernel_picture(kernel))
+            self.image(rel_stem + '.png', degradations.kernel_picture(kernel))
         return rel_stem
 
 
@@ -491,7 +491,7 @@ def make_gaussian8(hr, stem, plan, writer, first_kernels):
     """Write the HR image, its 8 LR images and their kernels (both layouts)."""
     writer.image(f'HR/{stem}.png', hr)
     for sigma, tag in zip(plan['sigmas'], plan['tags']):
-        kernel = kernel_util.isotropic_kernel(sigma, plan['kernel_size'])
+        kernel = degradations.isotropic_kernel(sigma, plan['kernel_size'])
         lr = low_res(hr, kernel, plan['scale'], 'bicubic')
         writer.image(f'LR_sigma{tag}/{stem}.png', lr)
         writer.link(f'LR/{stem}_s{tag}.png', f'LR_sigma{tag}/{stem}.png')

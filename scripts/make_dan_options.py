@@ -6,7 +6,7 @@
 
 One template, five files: setting 1 (isotropic kernels) at x2, x3, x4 and setting 2 (anisotropic
 with kernel noise) at x2 and x4, with the sizes and ranges of the official release and its
-issues (docs/dan.md, facts in the module docstring of d2c_utils/kernel_util.py).
+issues (docs/dan.md, facts in the module docstring of d2c_data/degradations.py).
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ from os import path as osp
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from d2c_utils.kernel_util import default_kernel_options  # noqa: E402
+from d2c_data.degradations import default_kernel_options  # noqa: E402
 
 OUT_DIR = osp.join(ROOT, 'options', 'dan')
 CONFIGS = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 4)]

@@ -4,8 +4,8 @@
 DAN's Restorer does not see the kernel itself but its code ``c = vec(k) @ P`` (t numbers), where
 ``P`` (l*l, t) holds the first t principal directions of kernels drawn from the training
 distribution. This script draws ``--num-kernels`` kernels of one setting and scale with
-:func:`d2c_utils.kernel_util.sample_kernels` (30000 as in the official ``creat_PCA.py``), computes
-``P`` with :func:`d2c_utils.kernel_util.pca_matrix` (SVD of the centred kernels) and writes::
+:func:`d2c_data.degradations.sample_kernels` (30000 as in the official ``creat_PCA.py``), computes
+``P`` with :func:`d2c_data.degradations.pca_matrix` (SVD of the centred kernels) and writes::
 
     torch.save({'pca_matrix': P,                 # (l*l, t) float32, orthonormal columns
                 'setting': 1 | 2, 'scale': 2 | 3 | 4, 'kernel_size': l,
@@ -53,8 +53,8 @@ from tqdm import tqdm
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run from a checkout too
-from d2c_utils import kernel_util  # noqa: E402
-from d2c_utils.checkpoint_util import atomic_write  # noqa: E402
+from d2c_data import degradations  # noqa: E402
+from d2c_inference.checkpoint_util import atomic_write  # noqa: E402
 from d2c_utils.errors import UserError, report_user_error  # noqa: E402
 
 PROG = 'make_dan_pca.py'
@@ -71,7 +71,7 @@ def build_parser():
         'network_g.pca_matrix.',
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='defaults per setting/scale: kernel size ' +
-        ', '.join(f's{s} x{x}: {side}' for (s, x), side in sorted(kernel_util.KERNEL_SIZE.items())) +
+        ', '.join(f's{s} x{x}: {side}' for (s, x), side in sorted(degradations.KERNEL_SIZE.items())) +
         '; sigma range s1: [0.2, scale], s2: [0.6, 5]; t 10 (s2 x4: 15).\n'
         'exit codes: 0 written, 2 bad flag or output (nothing written)')
     parser.add_argument('--setting', type=int, default=1, choices=(1, 2), help='1 isotropic, 2 anisotropic (default 1)')
@@ -80,7 +80,7 @@ def build_parser():
     parser.add_argument('--sigma-min', type=float, help='lowest kernel width (default: per setting/scale)')
     parser.add_argument('--sigma-max', type=float, help='highest kernel width (default: per setting/scale)')
     parser.add_argument(
-        '--noise', type=float, help=f'setting 2: every tap times 1 + U(0, noise) (default {kernel_util.ANISO_NOISE})')
+        '--noise', type=float, help=f'setting 2: every tap times 1 + U(0, noise) (default {degradations.ANISO_NOISE})')
     parser.add_argument('--length', '-t', type=int, help='code length t (default 10; setting 2 x4: 15)')
     parser.add_argument(
         '--num-kernels', type=int, default=NUM_KERNELS, help=f'kernels for the PCA (default {NUM_KERNELS})')
@@ -94,7 +94,7 @@ def build_parser():
 
 def resolve_options(args):
     """Fill the per-setting defaults and check every flag; raise UserError naming the flag."""
-    opt = kernel_util.default_kernel_options(args.setting, args.scale)
+    opt = degradations.default_kernel_options(args.setting, args.scale)
     size = args.kernel_size if args.kernel_size is not None else opt['kernel_size']
     if size < 3 or size % 2 != 1:
         raise UserError(f'--kernel-size {size}: use an odd side of at least 3 (a kernel has a centre tap)')
@@ -104,7 +104,7 @@ def resolve_options(args):
         raise UserError(f'--sigma-min {low} / --sigma-max {high}: need 0 < sigma-min <= sigma-max')
     if args.setting == 1 and args.noise is not None:
         raise UserError('--noise applies to setting 2 (anisotropic kernels) only')
-    noise = args.noise if args.noise is not None else kernel_util.ANISO_NOISE
+    noise = args.noise if args.noise is not None else degradations.ANISO_NOISE
     if noise < 0:
         raise UserError(f'--noise {noise} must be >= 0')
     length = args.length if args.length is not None else DEFAULT_LENGTH.get((args.setting, args.scale), 10)
@@ -130,7 +130,7 @@ def draw(num, setting, opt, rng, desc):
     with tqdm(total=num, desc=desc, unit='kernel', leave=False) as pbar:
         for start in range(0, num, CHUNK):
             count = min(CHUNK, num - start)
-            kernels, _ = kernel_util.sample_kernels(
+            kernels, _ = degradations.sample_kernels(
                 count, setting, opt['kernel_size'], opt['sigma_range'], opt['noise'], rng=rng)
             chunks.append(kernels)
             pbar.update(count)
@@ -175,7 +175,7 @@ def main(argv=None):
     print(f'{what}; {args.num_kernels} kernels for the PCA, {args.holdout} held out; t = {length}')
     kernels = draw(args.num_kernels, args.setting, opt, rng, 'Draw kernels')
     heldout = draw(args.holdout, args.setting, opt, rng, 'Draw held-out kernels')
-    matrix, explained = kernel_util.pca_matrix(kernels, length)
+    matrix, explained = degradations.pca_matrix(kernels, length)
     mean_kernel = kernels.mean(axis=0, dtype=np.float64)
     errors, bare, mean_abs = heldout_errors(heldout, matrix, mean_kernel)
 

@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 import d2c_model  # noqa: F401  (registers SDFlow; applies the compat shim before basicsr)
 from d2c_data.unpaired_image_dataset import IMAGE_SUFFIXES
+from d2c_inference.infer_util import select_device, select_precision
+from d2c_inference.sdflow_infer_util import load_sdflow
 from d2c_utils.errors import UserError
-from d2c_utils.infer_util import select_device, select_precision
 from d2c_utils.output_util import atomic_write_bytes
 from d2c_utils.precision_util import autocast
-from d2c_utils.sdflow_infer_util import load_sdflow
 
 PROG = 'make_sdflow_pairs'
 

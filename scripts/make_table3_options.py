@@ -131,7 +131,7 @@ dist_params:
 
 def table3_files():
     """``{file name: text}`` of every Table 3 option file, and ``{net: {scale: (orig, d2c params)}}``."""
-    from d2c_utils.swap_util import count_parameters, full_options, load_options, swap_options
+    from d2c_convert.swap_util import count_parameters, full_options, load_options, swap_options
 
     files, counts = {}, {}
     for net, (network, paper_d2c, scales) in NETWORKS.items():

@@ -6,7 +6,7 @@ import yaml
 
 from basicsr.archs import build_network
 from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, is_convergence_key
-from d2c_arch.d2c_arch import state_dict_differences
+from d2c_arch.d2cnet_arch import state_dict_differences
 
 SMALL = dict(num_feat=8, num_group=1, num_block=1, reduction=4)
 

@@ -12,8 +12,8 @@ from conftest import REPO_ROOT, make_pairs, tiny_train_opt, write_yaml
 from basicsr.archs import build_network
 from basicsr.archs.swinir_arch import SwinIR
 from d2c_arch import IMDN, RDN, VDSR, D2CNet, infer_options
+from d2c_convert.swap_util import count_d2c_parameters
 from d2c_utils.errors import UserError
-from d2c_utils.swap_util import count_d2c_parameters
 
 F = 16  # feature channels of the small test networks
 

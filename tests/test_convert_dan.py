@@ -1,4 +1,4 @@
-"""d2c_tools.convert_dan, d2c_utils.dan_convert_util: an official DANv2 checkpoint -> a BasicSR checkpoint for DAN.
+"""d2c_tools.convert_dan, d2c_convert.dan_convert_util: an official DANv2 checkpoint -> a BasicSR checkpoint for DAN.
 
 No released checkpoint is available here. The tests build random state dicts under the official
 key names and shapes (``official_shapes``, written from the official DANv2 ``dan_arch.py``, not
@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from d2c_arch import D2CNet
 from d2c_arch.dan_arch import DAN
+from d2c_convert import dan_convert_util as dc
 from d2c_tools import convert_dan
-from d2c_utils import dan_convert_util as dc
 
 KSIZE, CODE = 21, 10
 TINY = dict(nf=8, ng=2, nb=2, est_nf=8)  # est_nf: the official Estimator's nf // 2 (64 // 2 = 32 in the release)

@@ -1,4 +1,4 @@
-"""d2c_tools.convert_official, d2c_utils.official_util: the authors' checkpoint -> a BasicSR checkpoint for D2CNet.
+"""d2c_tools.convert_official, d2c_convert.official_util: the authors' checkpoint -> a BasicSR checkpoint for D2CNet.
 
 The real released file is not available here. These tests build checkpoints in the authors'
 layout two independent ways: from D2CNet through ``export_official`` (round trip), and from the
@@ -22,8 +22,8 @@ from torch.nn import functional as F
 
 from basicsr.utils.options import ordered_yaml
 from d2c_arch import D2CNet
+from d2c_convert import official_util as co
 from d2c_tools import convert_official
-from d2c_utils import official_util as co
 
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
 RGB_MEAN_OF_CONVERTED = [0.4040, 0.4371, 0.4488]  # the authors' (BGR) mean seen in RGB order

@@ -1,4 +1,4 @@
-"""d2c_tools.convert_sdflow, d2c_utils.sdflow_convert_util: the official SDFlow files -> one SDFlow checkpoint.
+"""d2c_tools.convert_sdflow, d2c_convert.sdflow_convert_util: the official SDFlow files -> one SDFlow checkpoint.
 
 No released weights are available here. The tests carry their own compact re-implementation of
 the official modules (``HRFlow``, ``LRImageEncoderFM``, ``ContentFlow``, ``DegFlow`` and their
@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 from d2c_arch import D2CNet, SDFlow
 from d2c_arch.dan_arch import DAN
+from d2c_convert import sdflow_convert_util as sc
 from d2c_tools import convert_sdflow
-from d2c_utils import sdflow_convert_util as sc
 
 # the reference's sizes: the release's, and a small one for the forward comparisons
 FULL = dict(

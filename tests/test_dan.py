@@ -14,7 +14,7 @@ from basicsr.utils.img_process_util import filter2D
 from basicsr.utils.matlab_functions import imresize
 from d2c_arch import DAN, infer_dan_options
 from d2c_arch.dan_arch import DPCB, DPCG, Estimator, Restorer, load_pca_matrix
-from d2c_utils import kernel_util
+from d2c_data import degradations
 from d2c_utils.errors import UserError
 
 TINY = dict(
@@ -149,7 +149,7 @@ def test_weights_tell_the_options():
 
 
 def test_setting1_kernels_sum_to_one_with_the_drawn_width():
-    kernels, params = kernel_util.sample_kernels(200, 1, 21, (0.2, 4.0), rng=np.random.default_rng(0))
+    kernels, params = degradations.sample_kernels(200, 1, 21, (0.2, 4.0), rng=np.random.default_rng(0))
     assert kernels.shape == (200, 21, 21) and np.allclose(kernels.sum((1, 2)), 1, atol=1e-5)
     assert params[:, 0].min() >= 0.2 and params[:, 0].max() <= 4.0 and params[:, 0].std() > 0.9
     grid = np.arange(21) - 10
@@ -160,7 +160,7 @@ def test_setting1_kernels_sum_to_one_with_the_drawn_width():
 
 
 def test_setting2_kernels_are_anisotropic_and_noisy():
-    kernels, params = kernel_util.sample_kernels(100, 2, 31, (0.6, 5.0), 0.25, rng=np.random.default_rng(1))
+    kernels, params = degradations.sample_kernels(100, 2, 31, (0.6, 5.0), 0.25, rng=np.random.default_rng(1))
     assert (kernels >= 0).all() and np.allclose(kernels.sum((1, 2)), 1, atol=1e-5)
     assert (params[:, :2] >= 0.6).all() and (params[:, :2] <= 5).all() and np.abs(params[:, 2]).max() <= np.pi
     assert not np.allclose(kernels[0], kernels[0].T)  # anisotropic, rotated
@@ -168,23 +168,23 @@ def test_setting2_kernels_are_anisotropic_and_noisy():
 
 def test_degradation_is_blur_then_downscale_then_8_bits():
     hr = torch.rand(2, 3, 24, 20)
-    kernels = torch.from_numpy(kernel_util.sample_kernels(2, 1, 11, rng=np.random.default_rng(2))[0])
+    kernels = torch.from_numpy(degradations.sample_kernels(2, 1, 11, rng=np.random.default_rng(2))[0])
     blurred = filter2D(hr, kernels)
-    lr = kernel_util.degrade(hr, kernels, 4, 'decimate')
+    lr = degradations.degrade(hr, kernels, 4, 'decimate')
     assert torch.allclose(lr, (blurred[..., ::4, ::4].clamp(0, 1) * 255).round() / 255)
-    lr = kernel_util.degrade(hr, kernels, 4, 'bicubic', quantize=False)
+    lr = degradations.degrade(hr, kernels, 4, 'bicubic', quantize=False)
     assert torch.allclose(lr, imresize(blurred[1], 0.25).clamp(0, 1)[None].expand(2, -1, -1, -1)[1:], atol=1e-6) \
         or torch.allclose(lr[1], imresize(blurred[1], 0.25).clamp(0, 1), atol=1e-6)
     with pytest.raises(UserError, match='not a multiple of the scale 4'):
-        kernel_util.degrade(torch.rand(1, 3, 22, 20), kernels[:1], 4)
+        degradations.degrade(torch.rand(1, 3, 22, 20), kernels[:1], 4)
 
 
 def test_pca_round_trip():
-    kernels, _ = kernel_util.sample_kernels(3000, 1, 21, (0.2, 4.0), rng=np.random.default_rng(3))
-    matrix, explained = kernel_util.pca_matrix(kernels, 10)
+    kernels, _ = degradations.sample_kernels(3000, 1, 21, (0.2, 4.0), rng=np.random.default_rng(3))
+    matrix, explained = degradations.pca_matrix(kernels, 10)
     assert matrix.shape == (441, 10) and torch.allclose(matrix.T @ matrix, torch.eye(10), atol=1e-5)
     assert (explained[:-1] >= explained[1:]).all() and explained.sum() > 0.99
-    held_out = torch.from_numpy(kernel_util.sample_kernels(100, 1, 21, (0.2, 4.0), rng=np.random.default_rng(4))[0])
+    held_out = torch.from_numpy(degradations.sample_kernels(100, 1, 21, (0.2, 4.0), rng=np.random.default_rng(4))[0])
     flat = held_out.flatten(1)
     mean = torch.from_numpy(kernels.reshape(3000, -1).mean(0))
     rebuilt = (flat - mean) @ matrix @ matrix.T + mean
@@ -315,10 +315,10 @@ def make_dan_data(folder):
     os.makedirs(os.path.join(root, 'val', 'kernels'))
     for name in os.listdir(os.path.join(root, 'val', 'LR')):
         np.save(
-            os.path.join(root, 'val', 'kernels', name.replace('.png', '.npy')), kernel_util.isotropic_kernel(1.2, 11))
-    kernels, _ = kernel_util.sample_kernels(500, 1, 11, (0.2, 2.0), rng=np.random.default_rng(0))
+            os.path.join(root, 'val', 'kernels', name.replace('.png', '.npy')), degradations.isotropic_kernel(1.2, 11))
+    kernels, _ = degradations.sample_kernels(500, 1, 11, (0.2, 2.0), rng=np.random.default_rng(0))
     pca = os.path.join(folder, 'pca.pth')
-    torch.save({'pca_matrix': kernel_util.pca_matrix(kernels, 6)[0]}, pca)
+    torch.save({'pca_matrix': degradations.pca_matrix(kernels, 6)[0]}, pca)
     return root, pca
 
 

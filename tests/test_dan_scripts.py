@@ -20,7 +20,7 @@ import yaml
 from basicsr.data.degradations import mesh_grid
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.registry import ARCH_REGISTRY
-from d2c_utils.kernel_util import GAUSSIAN8_SIGMAS, degrade, isotropic_kernel
+from d2c_data.degradations import GAUSSIAN8_SIGMAS, degrade, isotropic_kernel
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO_ROOT, 'scripts'))

@@ -21,7 +21,7 @@ from scipy.io import savemat
 
 from basicsr.metrics import calculate_psnr
 from d2c_arch import DAN
-from d2c_utils import kernel_util
+from d2c_data import degradations
 
 sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 import prepare_data  # noqa: E402
@@ -33,7 +33,7 @@ TINY_DAN = dict(num_feat=8, num_group=1, num_block=2, code_length=6, loop=2, est
 
 
 def _div2krk_kernel(rng, side):
-    kernel, _ = kernel_util.sample_kernels(1, 2, side, (0.6, 5.0), rng=rng)
+    kernel, _ = degradations.sample_kernels(1, 2, side, (0.6, 5.0), rng=rng)
     return kernel[0].astype(np.float64)
 
 
@@ -52,7 +52,7 @@ def div2krk(tmp_path_factory):
             kernel = _div2krk_kernel(rng, KERNEL_SIDE[scale])
             kernels[(scale, key)] = kernel
             savemat(str(root / f'gt_k_x{scale}' / f'kernel_{key}.mat'), {'Kernel': kernel})  # MATLAB 5
-            lr = kernel_util.degrade(
+            lr = degradations.degrade(
                 torch.from_numpy(hr[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255,
                 torch.from_numpy(kernel).float()[None], scale, 'decimate')
             lr = np.rint(lr[0].permute(1, 2, 0).numpy()[..., ::-1] * 255).astype(np.uint8)

@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from d2c_arch import D2CNet
+from d2c_deploy import export_util, runtime_util
+from d2c_deploy.export_util import check_export, export_onnx, psnr_db
+from d2c_deploy.runtime_util import OnnxRuntimeModel, OpenVINOModel, read_onnx_metadata, select_backend
 from d2c_tools import export, infer
-from d2c_utils import export_util, runtime_util
 from d2c_utils.errors import UserError
-from d2c_utils.export_util import check_export, export_onnx, psnr_db
-from d2c_utils.runtime_util import OnnxRuntimeModel, OpenVINOModel, read_onnx_metadata, select_backend
 
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')

@@ -600,7 +600,7 @@ def test_training_save_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
     from test_model import in_process_opt
 
     from basicsr.models import build_model
-    from d2c_utils.entry_util import run_pipeline
+    from d2c_tools.pipeline_util import run_pipeline
     opt = in_process_opt(tmp_path, tiny_data, (('divergence', 2), ))
     os.makedirs(opt['path']['models'])
     os.makedirs(opt['path']['training_states'])
@@ -625,7 +625,7 @@ def test_training_save_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
 
 
 def test_swap_sizing_search_is_bounded(monkeypatch):
-    from d2c_utils import swap_util
+    from d2c_convert import swap_util
     calls = []
     count = swap_util.count_d2c_parameters
     monkeypatch.setattr(swap_util, 'count_d2c_parameters', lambda opt: (calls.append(1), count(opt))[1])

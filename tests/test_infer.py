@@ -13,9 +13,9 @@ import yaml
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from d2c_arch import D2CNet
+from d2c_inference.tile_util import run_network, super_resolve, tile_boxes
 from d2c_tools import infer
 from d2c_utils.eval_util import oracle_fusion
-from d2c_utils.tile_util import run_network, super_resolve, tile_boxes
 
 TINY = {
     'type': 'D2CNet',

@@ -31,7 +31,7 @@ from basicsr.models import build_model
 from basicsr.utils.registry import METRIC_REGISTRY
 from d2c_metrics import perceptual_metric as pm
 from d2c_tools import infer
-from d2c_utils.entry_util import normalise_argv
+from d2c_tools.pipeline_util import normalise_argv
 
 sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 import make_table2_options  # noqa: E402

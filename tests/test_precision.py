@@ -9,12 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2c_arch import D2CNet
+from d2c_inference.checkpoint_util import load_model
+from d2c_inference.tile_util import GuardedForward, output_problem, prepare_network, run_network, super_resolve
 from d2c_tools import infer
 from d2c_utils import precision_util
-from d2c_utils.checkpoint_util import load_model
 from d2c_utils.eval_util import tensor_psnr
 from d2c_utils.precision_util import resolve_precision
-from d2c_utils.tile_util import GuardedForward, output_problem, prepare_network, run_network, super_resolve
 
 
 def photo_tensor(path):

@@ -13,7 +13,7 @@ from test_model import in_process_opt, iter_table, read_log, run_iters, snapshot
 
 from basicsr.models import build_model
 from d2c_arch import D2CNet
-from d2c_utils.checkpoint_util import atomic_torch_save
+from d2c_inference.checkpoint_util import atomic_torch_save
 
 LOSS_LINE = re.compile(r'iter:\s*([\d,]+),.*?phase: \w+ (.*)$', re.M)
 
@@ -201,7 +201,7 @@ def test_bad_configuration_exits_2_with_one_line_message(tmp_path, tiny_data):
 
 
 def test_local_rank_with_dash_is_accepted(monkeypatch, tmp_path):
-    from d2c_utils.entry_util import normalise_argv
+    from d2c_tools.pipeline_util import normalise_argv
     monkeypatch.setattr(sys, 'argv', ['x'])
     yml = write_yaml(tmp_path / 'opt.yml', {'name': 'x'})  # normalise_argv loads the option file
     normalise_argv(['-opt', yml, '--local-rank=1', '--local-rank', '0'], 'd2c-train')

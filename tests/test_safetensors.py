@@ -10,13 +10,13 @@ from test_model import in_process_opt
 
 from basicsr.models import build_model
 from d2c_arch import D2CNet
+from d2c_deploy import spandrel_util
+from d2c_inference.checkpoint_util import existing_weights_file, load_checkpoint, load_model, save_checkpoint
+from d2c_inference.dan_infer_util import load_dan
 from d2c_tools import convert_dan
 from d2c_tools import infer as infer_tool
 from d2c_tools import summary as summary_tool
-from d2c_utils import spandrel_util
-from d2c_utils.checkpoint_util import existing_weights_file, load_checkpoint, load_model, save_checkpoint
-from d2c_utils.dan_infer_util import load_dan
-from d2c_utils.entry_util import load_latest_training_state
+from d2c_tools.pipeline_util import load_latest_training_state
 from d2c_utils.errors import UserError
 
 TINY = {'num_feat': 8, 'num_group': 1, 'num_block': 1, 'reduction': 4, 'upscale': 4}

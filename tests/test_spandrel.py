@@ -10,8 +10,8 @@ import torch
 from basicsr.archs.rrdbnet_arch import RRDBNet
 from basicsr.archs.srresnet_arch import MSRResNet
 from d2c_arch import D2CNet
-from d2c_utils import spandrel_util
-from d2c_utils.checkpoint_util import load_model
+from d2c_deploy import spandrel_util
+from d2c_inference.checkpoint_util import load_model
 from d2c_utils.errors import UserError
 
 spandrel = pytest.importorskip('spandrel')

@@ -8,9 +8,9 @@ import yaml
 from conftest import make_pairs
 
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+from d2c_convert.swap_util import count_parameters, full_options, parse_budget, swap_options
 from d2c_tools import swap as swap_cli
 from d2c_utils.errors import UserError
-from d2c_utils.swap_util import count_parameters, full_options, parse_budget, swap_options
 
 # shaped like BasicSR's options/train/*.yml: section comments, commented-out LMDB lines, !!float, ~
 BASICSR_FILE = """\

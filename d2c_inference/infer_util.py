@@ -16,23 +16,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
-
-d2c_compat.apply()
-
-from basicsr.utils import tensor2img  # noqa: E402
-from d2c_arch import DAN  # noqa: E402
-from d2c_metrics.perceptual_metric import calculate_dists, calculate_lpips, dists_network, lpips_network  # noqa: E402
-from .dan_infer_util import FixedKernelRestorer, estimate_kernel  # noqa: E402
-from .errors import ImageError, UserError  # noqa: E402
-from .eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y  # noqa: E402
-from .img_util import DEFAULT_MAX_PIXELS as MAX_PIXELS  # noqa: E402
-from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image  # noqa: E402
-from .kernel_util import kernel_picture  # noqa: E402
-from .output_util import atomic_write_bytes  # noqa: E402
-from .precision_util import cpu_has_native_bf16, resolve_precision  # noqa: E402
-from .tile_util import super_resolve  # noqa: E402
-from .visual_util import labelled_grid, weight_heatmap  # noqa: E402
+from basicsr.utils import tensor2img
+from d2c_arch import DAN
+from d2c_data.degradations import kernel_picture
+from d2c_metrics.perceptual_metric import calculate_dists, calculate_lpips, dists_network, lpips_network
+from d2c_utils.errors import ImageError, UserError
+from d2c_utils.eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y
+from d2c_utils.img_util import DEFAULT_MAX_PIXELS as MAX_PIXELS
+from d2c_utils.img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
+from d2c_utils.output_util import atomic_write_bytes
+from d2c_utils.precision_util import cpu_has_native_bf16, resolve_precision
+from d2c_utils.visual_util import labelled_grid, weight_heatmap
+from .dan_infer_util import FixedKernelRestorer, estimate_kernel
+from .tile_util import super_resolve
 
 
 @dataclass
@@ -44,7 +40,7 @@ class OutputOptions:
         suffix (str): Outputs are ``<name>_<suffix>.<ext>``; empty: ``<name>.<ext>``.
         ext (str): 'auto' (the input's format where it can hold the image), 'png' or 'jpg'.
         outscale (float | None): Final scale (LANCZOS4 resize of the output); None: the network's.
-        tile, tile_pad, pre_pad (int): Tiling (see :func:`d2c_utils.tile_util.super_resolve`).
+        tile, tile_pad, pre_pad (int): Tiling (see :func:`d2c_inference.tile_util.super_resolve`).
         save_branches (bool): Also write every branch's prediction.
         save_weights (bool): Also write the weight heatmaps and the grid picture.
         grid_size (int): Longest side of a grid cell; 0 = full size.
@@ -52,7 +48,7 @@ class OutputOptions:
         perceptual (tuple[str]): Perceptual metrics against the reference too: 'lpips', 'dists'.
         kernel_crop (int): DAN: side of the central LR window the kernel is estimated on (0: all).
         save_kernel (bool): DAN: also write the estimated kernel (``_kernel.png``, ``_kernel.npy``).
-        samples, temperature, seed, downscale: SDFlow (see :mod:`d2c_utils.sdflow_infer_util`).
+        samples, temperature, seed, downscale: SDFlow (see :mod:`d2c_inference.sdflow_infer_util`).
         max_pixels (int): Larger inputs (by their header) are skipped before decoding; 0: no limit.
         inputs (frozenset[str]): The run's input files (real paths): never written (see :meth:`target`).
     """

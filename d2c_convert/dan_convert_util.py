@@ -6,7 +6,7 @@ The library behind ``d2c-convert-dan`` (:mod:`d2c_tools.convert_dan`)::
 
 The official code (MMSR style) saves ``torch.save(net.state_dict())``: a bare state dict of
 tensors. It is read with ``torch.load(weights_only=True)``
-(:func:`d2c_utils.checkpoint_util.load_checkpoint`), so no code from the file runs.
+(:func:`d2c_inference.checkpoint_util.load_checkpoint`), so no code from the file runs.
 
 What the conversion does
 ------------------------
@@ -40,7 +40,7 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_dan_options
-from .checkpoint_util import (
+from d2c_inference.checkpoint_util import (
     atomic_write_text,
     dump_option_yaml,
     file_sha256,
@@ -48,8 +48,8 @@ from .checkpoint_util import (
     save_checkpoint,
     test_option_dict,
 )
-from .errors import UserError
-from .output_util import check_distinct
+from d2c_utils.errors import UserError
+from d2c_utils.output_util import check_distinct
 
 PROG = 'd2c-convert-dan'
 DEFAULT_LOOP = 4  # every official option file (the class default, 8, is never used)

@@ -11,8 +11,8 @@ import yaml
 from torch import nn as nn
 
 from d2c_arch import DAN, infer_dan_options
+from d2c_utils.errors import UserError
 from .checkpoint_util import load_arch_checkpoint, load_checkpoint
-from .errors import UserError
 
 DAN_KEY = 'restorer.image_head.weight'
 SDFLOW_KEY = 'lr_encoder.conv_first.weight'
@@ -46,7 +46,7 @@ def load_dan(model_path, opt_path=None, param_key=None, device='cpu'):
 
     Returns:
         tuple[DAN, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
-        ``net_opt``, ``warnings`` (as :func:`d2c_utils.checkpoint_util.load_model`).
+        ``net_opt``, ``warnings`` (as :func:`d2c_inference.checkpoint_util.load_model`).
     """
     net, info = load_arch_checkpoint(
         model_path,
@@ -86,7 +86,7 @@ def estimate_kernel(net, lq, kernel_crop, device, dtype=None):
     Returns:
         tuple[Tensor, Tensor]: code c_{T-1} (1, t) float32 and kernel k_T (l, l) float32, on ``device``.
     """
-    from .precision_util import autocast
+    from d2c_utils.precision_util import autocast
     window = central_crop(lq, kernel_crop) if kernel_crop else lq
     window = window.contiguous().to(device)
     with autocast(window.device.type, dtype):

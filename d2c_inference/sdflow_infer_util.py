@@ -18,12 +18,12 @@ from tqdm import tqdm
 
 from d2c_arch import SDFlow, infer_sdflow_options
 from d2c_arch.sdflow_arch import NOT_INFERABLE
+from d2c_utils.errors import ImageError
+from d2c_utils.img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
+from d2c_utils.precision_util import autocast
+from d2c_utils.visual_util import weight_heatmap
 from .checkpoint_util import load_arch_checkpoint
-from .errors import ImageError
-from .img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
-from .precision_util import autocast
 from .tile_util import super_resolve
-from .visual_util import weight_heatmap
 
 
 def load_sdflow(model_path, opt_path=None, param_key=None, device='cpu'):

@@ -25,16 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
-
-d2c_compat.apply()
-
-from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
-from d2c_arch import BRANCH_REGISTRY, D2CNet, default_options  # noqa: E402
-from d2c_arch.arch_util import accepted_options  # noqa: E402
-from d2c_arch.d2c_arch import SUPPORTED_SCALES  # noqa: E402
-from d2c_arch.upsample_util import build_tail  # noqa: E402
-from .errors import UserError  # noqa: E402
+from basicsr.utils.registry import ARCH_REGISTRY
+from d2c_arch import BRANCH_REGISTRY, D2CNet, default_options
+from d2c_arch.arch_util import accepted_options
+from d2c_arch.d2cnet_arch import SUPPORTED_SCALES
+from d2c_arch.upsample_util import build_tail
+from d2c_utils.errors import UserError
 
 # model types whose training d2c-swap knows how to keep, and what they become
 MODEL_SWAPS = {'SRModel': 'D2CModel', 'SwinIRModel': 'D2CModel', 'RealESRNetModel': 'D2CRealESRNetModel'}

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn as nn
 
-from .errors import UserError
-from .output_util import atomic_write
+from d2c_utils.errors import UserError
+from d2c_utils.output_util import atomic_write
 
 FORMAT = 'd2c-sr/onnx/1'  # metadata 'd2c_sr.format'; bump when the inputs/outputs change meaning
 META_PREFIX = 'd2c_sr.'

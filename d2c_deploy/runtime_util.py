@@ -2,7 +2,7 @@
 
 :class:`RuntimeModel` carries what ``d2c-infer`` reads from a D2CNet (``upscale``,
 ``num_branch``, ``tree_depth``, ``tree_width``) and a :meth:`RuntimeModel.run` that
-:func:`d2c_utils.tile_util.run_network` calls in place of ``net(lq)``, so tiling, image kinds,
+:func:`d2c_inference.tile_util.run_network` calls in place of ``net(lq)``, so tiling, image kinds,
 bit depths, alpha, outputs, the progress bar and the fall-back from a reduced precision are the
 same code on every backend.
 
@@ -22,9 +22,9 @@ from os import path as osp
 import numpy as np
 import torch
 
-from .errors import UserError
+from d2c_utils.errors import UserError
+from d2c_utils.output_util import remove_stale_temps
 from .export_util import OUTPUTS, export_onnx, parse_metadata, require
-from .output_util import remove_stale_temps
 
 BACKENDS = ('auto', 'torch', 'onnxruntime', 'openvino')
 # measured by benchmarks/bench_export.py on a 2-core AVX512-BF16 CPU (README, Export and deployment):
@@ -91,11 +91,14 @@ class RuntimeModel:
     Attributes:
         upscale, num_branch, tree_depth, tree_width (int): As D2CNet's.
         has_branches (bool): The file also gives branches and weight maps (``--outputs all``).
-        meta (dict): The file's ``d2c_sr.*`` metadata (see :func:`d2c_utils.export_util.read_metadata`).
+        meta (dict): The file's ``d2c_sr.*`` metadata (see :func:`d2c_deploy.export_util.read_metadata`).
         backend (str): 'onnxruntime' or 'openvino'.
         prepare_seconds (float): Time to open/compile the file (export excluded).
+        runs_exported (bool): True: what inference (:mod:`d2c_inference.tile_util`) asks instead of
+            importing this class (inference sits below deployment and never imports it).
     """
     backend = ''
+    runs_exported = True
 
     def __init__(self, path, meta):
         self.path = path
@@ -108,7 +111,7 @@ class RuntimeModel:
         self.prepare_seconds = 0.
 
     def run(self, lq, return_branches=False, dtype=None):
-        """Like :func:`d2c_utils.tile_util.run_network`: float32 tensors on the host.
+        """Like :func:`d2c_inference.tile_util.run_network`: float32 tensors on the host.
 
         Args:
             lq (Tensor): (N, C, h, w) float32 in [0, 1].
@@ -231,7 +234,7 @@ def read_onnx_metadata(path):
 
 def checkpoint_digest(model_path, net_opt, param_key, outputs):
     """A key for the cache of exports: the checkpoint's bytes, the options, the output set, the versions."""
-    from .checkpoint_util import file_sha256  # noqa: PLC0415  (checkpoint_util imports the archs)
+    from d2c_inference.checkpoint_util import file_sha256  # noqa: PLC0415  (checkpoint_util imports the archs)
     digest = hashlib.sha256(file_sha256(model_path).encode())
     settings = {'net_opt': net_opt, 'param_key': param_key, 'outputs': outputs, 'torch': torch.__version__}
     digest.update(json.dumps(settings, sort_keys=True, default=list).encode())
@@ -242,7 +245,7 @@ def export_cached(net, model_path, info, outputs, cache_dir, log):
     """An ONNX file of ``net`` (loaded from ``model_path``): from the cache, or exported into it.
 
     Args:
-        net (D2CNet): Loaded by :func:`d2c_utils.checkpoint_util.load_model`.
+        net (D2CNet): Loaded by :func:`d2c_inference.checkpoint_util.load_model`.
         model_path (str): Its checkpoint.
         info (dict): What ``load_model`` returned (``net_opt``, ``param_key``).
         outputs (str): 'fused' or 'all'.

@@ -10,16 +10,12 @@ from os import path as osp
 import torch
 import torch.distributed as dist
 
-import d2c_compat  # noqa: I001  (must run before the first ``import basicsr``)
-
-d2c_compat.apply()
-
-from basicsr.utils import options as basicsr_options  # noqa: E402
-from basicsr.utils.misc import check_resume  # noqa: E402
-from d2c_utils import data_guard  # noqa: E402
-from d2c_utils.errors import UserError, report_interrupt, report_user_error  # noqa: E402
-from d2c_utils.option_check import check_options, read_option_file  # noqa: E402
-from d2c_utils.output_util import is_disk_full  # noqa: E402
+from basicsr.utils import options as basicsr_options
+from basicsr.utils.misc import check_resume
+from d2c_utils import data_guard
+from d2c_utils.errors import UserError, report_interrupt, report_user_error
+from d2c_utils.option_check import check_options, read_option_file
+from d2c_utils.output_util import is_disk_full
 
 TRACEBACK_ENV = 'D2C_SR_TRACEBACK'
 # the experiment / results folder of the run and whether it existed before (see remove_failed_start)

@@ -14,7 +14,7 @@ imports spandrel, so chaiNNer and ComfyUI need no change.
 
 What the weights tell (``d2c_arch.infer_options``): channels, ``num_feat``, the tree (L, C),
 branch type and its options, tail (``upsampler``) and scale, the convergence width. What they
-cannot tell (``d2c_arch.d2c_arch.NOT_INFERABLE``) is **assumed** to be D2CNet's default, the
+cannot tell (``d2c_arch.d2cnet_arch.NOT_INFERABLE``) is **assumed** to be D2CNet's default, the
 paper's D2C-SR: ``rgb_mean`` = DIV2K's mean (zeros for a network that is not RGB, as D2CNet's
 default has three values), ``img_range`` = 1, ``fusion_logit_relu`` = True, ``input_skip`` =
 None. Every loaded model names these in its tags (``assumed: rgb_mean=DIV2K``, ...). A network
@@ -27,7 +27,7 @@ The scale is never assumed: tails that do not carry it (``interpolate``; a one-s
 import warnings
 from collections.abc import Mapping
 
-from .errors import UserError
+from d2c_utils.errors import UserError
 
 ARCH_ID = 'D2C-SR'
 ARCH_NAME = 'D2C-SR'
@@ -54,7 +54,7 @@ def unwrap_flat_checkpoint(state_dict):
 
     ``logger.save_format: safetensors`` stores BasicSR's ``{'params': ..., 'params_ema': ...}`` as
     tensors named ``params.<key>`` / ``params_ema.<key>`` (see
-    :func:`d2c_utils.checkpoint_util.save_checkpoint`); spandrel unwraps nested dicts but not
+    :func:`d2c_inference.checkpoint_util.save_checkpoint`); spandrel unwraps nested dicts but not
     these, so the ``params_ema`` (else ``params``) tensors are taken here, without the prefix.
     Anything else is returned as it is.
     """
@@ -220,7 +220,7 @@ def load_descriptor(architecture, state_dict):
     state_dict = unwrap_flat_checkpoint(state_dict)
     options, assumed = network_options(state_dict)
     d2c_arch, _ = _import_d2c_arch()
-    from .checkpoint_util import mismatch_message
+    from d2c_inference.checkpoint_util import mismatch_message
     try:
         net = d2c_arch.D2CNet(**options)
     except (TypeError, ValueError) as err:

@@ -10,7 +10,7 @@ The official release ships one plain state dict per network (``torch.save(net.st
 with the HF flow), ``lrencoder.pth`` (``LRImageEncoderFM``: the LR content encoder E),
 ``contentnet.pth`` (``ContentFlow``: the LR flow) and ``degnet.pth`` (``DegFlow``: the
 degradation flow and its mixture prior). Each is read with ``torch.load(weights_only=True)``
-(:func:`d2c_utils.checkpoint_util.load_checkpoint`), so no code from the files runs. The result is
+(:func:`d2c_inference.checkpoint_util.load_checkpoint`), so no code from the files runs. The result is
 one checkpoint ``{'params': SDFlow state dict, 'network_g': ..., 'converted_from': ...}``: the
 first two files alone give the SR-only network (``downscaler: false``); the last two, which
 must come together, add the downscaler.
@@ -61,7 +61,7 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_sdflow_options
-from .checkpoint_util import (
+from d2c_inference.checkpoint_util import (
     atomic_write_text,
     dump_option_yaml,
     file_sha256,
@@ -69,8 +69,8 @@ from .checkpoint_util import (
     save_checkpoint,
     test_option_dict,
 )
-from .errors import UserError
-from .output_util import check_distinct
+from d2c_utils.errors import UserError
+from d2c_utils.output_util import check_distinct
 
 PROG = 'd2c-convert-sdflow'
 REPO_URL = 'https://github.com/sunwj/sdflow'

@@ -22,7 +22,7 @@ import torch
 from basicsr.data.degradations import bivariate_Gaussian, mesh_grid
 from basicsr.utils.img_process_util import filter2D
 from basicsr.utils.matlab_functions import imresize
-from .errors import UserError
+from d2c_utils.errors import UserError
 
 SETTINGS = (1, 2)
 DOWNSAMPLES = ('bicubic', 'decimate')

@@ -18,9 +18,8 @@ import warnings
 import torch
 from torch.nn import functional as F
 
-from .eval_util import tensor_psnr
-from .precision_util import autocast, precision_name
-from .runtime_util import RuntimeModel
+from d2c_utils.eval_util import tensor_psnr
+from d2c_utils.precision_util import autocast, precision_name
 
 # mean distance (range 0-1) between an SR image's block averages and its input beyond which the
 # output is treated as broken; a trained D2CNet is near 0.01, a random one near 0.13
@@ -36,7 +35,7 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
     Args:
         net (nn.Module | RuntimeModel): D2CNet in eval mode (in the channels_last layout if
             ``channels_last``, see :func:`prepare_network`), or an exported D2CNet run by ONNX
-            Runtime / OpenVINO (:mod:`d2c_utils.runtime_util`).
+            Runtime / OpenVINO (:mod:`d2c_deploy.runtime_util`).
         lq (Tensor): LR images (N, 3, h, w), float32, range [0, 1], on the network's device.
         return_branches (bool): Also return the P predictions and the weight maps.
         dtype (torch.dtype | None): Autocast dtype (torch.bfloat16 / torch.float16) or None
@@ -48,7 +47,7 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
         clamped: SR (N, 3, sh, sw) roughly in [0, 1]; with ``return_branches`` also branches
         (N, P, 3, sh, sw) and weights (N, P, sh, sw) in [0, 1], summing to 1 over P.
     """
-    if isinstance(net, RuntimeModel):  # an exported network: the runtime has its own layouts and precisions
+    if getattr(net, 'runs_exported', False):  # an exported network: the runtime has its own layouts and precisions
         return net.run(lq, return_branches, dtype)
     if channels_last:
         lq = lq.contiguous(memory_format=torch.channels_last)
@@ -61,7 +60,7 @@ def run_network(net, lq, return_branches=False, dtype=None, channels_last=False)
 
 def prepare_network(net, channels_last):
     """Put the convolution weights of ``net`` in the layout :func:`run_network` feeds (in place)."""
-    if isinstance(net, RuntimeModel):
+    if getattr(net, 'runs_exported', False):
         return net
     return net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

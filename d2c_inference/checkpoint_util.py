@@ -19,9 +19,9 @@ import yaml
 
 from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, infer_options
 from d2c_arch.arch_util import accepted_options
-from d2c_arch.d2c_arch import state_dict_differences
-from .errors import UserError
-from .output_util import atomic_write  # noqa: F401  (the one writer; kept importable from here)
+from d2c_arch.d2cnet_arch import state_dict_differences
+from d2c_utils.errors import UserError
+from d2c_utils.output_util import atomic_write  # noqa: F401  (the one writer; kept importable from here)
 
 KEYS_PER_PART = 3  # keys listed per part of the network in a mismatch message
 
@@ -233,7 +233,7 @@ def network_options(ckpt, opt_path, model_path, infer_missing=False, param_key=N
         opt_path (str | None): Option file whose ``network_g`` is used.
         model_path (str | None): The checkpoint file, for messages.
         infer_missing (bool): With neither, read the options from the weights' shapes
-            (:func:`d2c_arch.infer_options`); the options in ``d2c_arch.d2c_arch.NOT_INFERABLE`` then keep
+            (:func:`d2c_arch.infer_options`); the options in ``d2c_arch.d2cnet_arch.NOT_INFERABLE`` then keep
             D2CNet's defaults. Enough to count parameters, not to run the network faithfully.
         param_key (str | None): The state dict the options are inferred from (see :func:`select_state_dict`).
 
