@@ -40,16 +40,10 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_dan_options
-from d2c_inference.checkpoint_util import (
-    atomic_write_text,
-    dump_option_yaml,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-    test_option_dict,
-)
+from d2c_inference.checkpoint_util import load_checkpoint, save_checkpoint, test_option_dict
 from d2c_utils.errors import UserError
-from d2c_utils.output_util import check_distinct
+from d2c_utils.option_check import dump_option_yaml
+from d2c_utils.output_util import atomic_write_text, check_distinct, file_sha256
 
 PROG = 'd2c-convert-dan'
 DEFAULT_LOOP = 4  # every official option file (the class default, 8, is never used)

@@ -56,9 +56,10 @@ import numpy as np
 
 from d2c_arch import default_options
 from d2c_arch.upsample_util import upsampler_scale
-from d2c_inference.checkpoint_util import atomic_write_text, dump_option_yaml, file_sha256, save_checkpoint
+from d2c_inference.checkpoint_util import save_checkpoint
 from d2c_utils.errors import UserError
-from d2c_utils.output_util import check_distinct
+from d2c_utils.option_check import dump_option_yaml
+from d2c_utils.output_util import atomic_write_text, check_distinct, file_sha256
 
 PROG = 'd2c-convert-official'
 SECTIONS = ('state_dict_D', 'state_dict_C')

@@ -61,16 +61,10 @@ from collections.abc import Mapping
 import torch
 
 from d2c_arch import bare_key, infer_sdflow_options
-from d2c_inference.checkpoint_util import (
-    atomic_write_text,
-    dump_option_yaml,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-    test_option_dict,
-)
+from d2c_inference.checkpoint_util import load_checkpoint, save_checkpoint, test_option_dict
 from d2c_utils.errors import UserError
-from d2c_utils.output_util import check_distinct
+from d2c_utils.option_check import dump_option_yaml
+from d2c_utils.output_util import atomic_write_text, check_distinct, file_sha256
 
 PROG = 'd2c-convert-sdflow'
 REPO_URL = 'https://github.com/sunwj/sdflow'

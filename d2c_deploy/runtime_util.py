@@ -234,7 +234,7 @@ def read_onnx_metadata(path):
 
 def checkpoint_digest(model_path, net_opt, param_key, outputs):
     """A key for the cache of exports: the checkpoint's bytes, the options, the output set, the versions."""
-    from d2c_inference.checkpoint_util import file_sha256  # noqa: PLC0415  (checkpoint_util imports the archs)
+    from d2c_utils.output_util import file_sha256
     digest = hashlib.sha256(file_sha256(model_path).encode())
     settings = {'net_opt': net_opt, 'param_key': param_key, 'outputs': outputs, 'torch': torch.__version__}
     digest.update(json.dumps(settings, sort_keys=True, default=list).encode())

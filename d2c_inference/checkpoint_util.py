@@ -8,7 +8,6 @@ refuses pickled Python objects (that could run code) and loads only tensors and 
 ``.safetensors`` files (``logger.save_format: safetensors``, or a converter's output named so) hold
 no code at all; every loader here reads both kinds through :func:`load_checkpoint`.
 """
-import hashlib
 import json
 import pickle
 import re
@@ -21,7 +20,7 @@ from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, infer_o
 from d2c_arch.arch_util import accepted_options
 from d2c_arch.d2cnet_arch import state_dict_differences
 from d2c_utils.errors import UserError
-from d2c_utils.output_util import atomic_write  # noqa: F401  (the one writer; kept importable from here)
+from d2c_utils.output_util import atomic_write
 
 KEYS_PER_PART = 3  # keys listed per part of the network in a mismatch message
 
@@ -257,12 +256,6 @@ def network_options(ckpt, opt_path, model_path, infer_missing=False, param_key=N
     if net_type != 'D2CNet':
         raise UserError(f'{source}: network_g type is {net_type!r}; only D2CNet models are supported here')
     return net_opt, source
-
-
-def dump_option_yaml(data):
-    """YAML text of an option dict in BasicSR's style (keys in insertion order, block style)."""
-    from basicsr.utils.options import ordered_yaml
-    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)
 
 
 def test_option_dict(weights_path, model_type, scale, net_opt, dataset, **val_options):
@@ -519,25 +512,6 @@ def load_model(model_path, opt_path=None, param_key=None, device='cpu', infer_mi
         'net_opt': net_opt,
         'warnings': info['warnings']
     }
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
-
-    def write(tmp):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def file_sha256(path):
-    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_torch_save(obj, save_path):

@@ -49,8 +49,8 @@ def main(argv=None):
 
 def run(args):
     from d2c_convert.swap_util import build_check, parse_budget, swap_options, unified_diff
-    from d2c_inference.checkpoint_util import atomic_write
     from d2c_utils.option_check import check_options, read_option_file
+    from d2c_utils.output_util import atomic_write
 
     if not args.check and not args.output:
         raise UserError('-o/--output is required (or pass --check to only see the changes).')

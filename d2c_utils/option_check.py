@@ -239,3 +239,9 @@ def read_option_file(path, flag='-opt', check=True):
     if check:
         check_options(opt, path)
     return opt
+
+
+def dump_option_yaml(data):
+    """YAML text of an option dict in BasicSR's style (keys in insertion order, block style)."""
+    from basicsr.utils.options import ordered_yaml
+    return yaml.dump(data, Dumper=ordered_yaml()[1], default_flow_style=False, sort_keys=False)

@@ -11,6 +11,7 @@ temporary file left by a killed process is removed by the next write into the sa
 with each other, before any work is done.
 """
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -201,3 +202,22 @@ def check_distinct(outputs, inputs):
         for other_flag, other in outputs[i + 1:]:
             if same_file(path, other):
                 raise UserError(f'{flag} and {other_flag} are the same file {path}; give them different paths')
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+
+    def write(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def file_sha256(path):
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

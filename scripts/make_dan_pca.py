@@ -54,8 +54,8 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run from a checkout too
 from d2c_data import degradations  # noqa: E402
-from d2c_inference.checkpoint_util import atomic_write  # noqa: E402
 from d2c_utils.errors import UserError, report_user_error  # noqa: E402
+from d2c_utils.output_util import atomic_write  # noqa: E402
 
 PROG = 'make_dan_pca.py'
 NUM_KERNELS = 30000  # the official creat_PCA.py
