@@ -127,7 +127,7 @@ def _import_d2c_arch():
     """``d2c_arch`` (imports basicsr and torch) on the first D2C load, not when spandrel starts."""
     try:
         import d2c_arch
-        from d2c_arch import d2c_arch as d2c_arch_module
+        from d2c_arch import d2cnet_arch as d2c_arch_module
     except ImportError as err:
         raise _fail(f'd2c-sr cannot build D2CNet here ({type(err).__name__}: {err}). It needs BasicSR in this '
                     'Python: pip install --no-build-isolation basicsr==1.4.2') from None
