@@ -29,7 +29,7 @@ import d2c_model  # noqa: E402,F401  (registers DAN, DANModel; applies the compa
 from basicsr.metrics import calculate_psnr  # noqa: E402
 from basicsr.utils import tensor2img  # noqa: E402
 from d2c_data import degradations  # noqa: E402
-from d2c_inference.dan_infer_util import load_dan  # noqa: E402
+from d2c_inference.checkpoint_util import load_model  # noqa: E402
 from d2c_utils.eval_util import bicubic_upscale  # noqa: E402
 from scripts.demo import TRAIN_PHOTOS, load_photo  # noqa: E402
 
@@ -179,7 +179,7 @@ def main(argv=None):
         return 1
     train_seconds = time.perf_counter() - start
     model = osp.join(work, 'experiments', 'bench_dan', 'models', 'net_g_latest.pth')
-    net, _ = load_dan(model, yml)
+    net, _ = load_model(model, yml)
     params = sum(p.numel() for p in net.parameters())
     print(f'Trained DAN (num_feat {args.num_feat}, 2x4 DPCBs, loop 4; {params / 1e6:.2f} M params) for {args.iters} '
           f'iterations in {train_seconds:.0f} s ({args.precision}); {len(TRAIN_PHOTOS + EXTRA_PHOTOS)} scikit-image '

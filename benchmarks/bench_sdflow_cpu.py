@@ -37,7 +37,6 @@ import yaml
 import d2c_model  # noqa: F401,E402
 from basicsr.utils.matlab_functions import imresize  # noqa: E402
 from d2c_inference.checkpoint_util import load_model  # noqa: E402
-from d2c_inference.sdflow_infer_util import load_sdflow  # noqa: E402
 from d2c_utils.eval_util import psnr_ssim_y  # noqa: E402
 from d2c_utils.visual_util import labelled_grid  # noqa: E402
 
@@ -235,9 +234,9 @@ def main(argv=None):
     print(f'{len(lr_names)} LR-source photos, {len(hr_names)} HR-source photos, {len(held)} held-out pairs')
 
     model, seconds = train(sdflow_options(work, args.sdflow_iters), work)
-    print(f'SDFlow ({sum(p.numel() for p in load_sdflow(model)[0].parameters()) / 1e6:.2f} M) trained '
+    print(f'SDFlow ({sum(p.numel() for p in load_model(model)[0].parameters()) / 1e6:.2f} M) trained '
           f'{args.sdflow_iters} iterations in {seconds:.0f} s')
-    net, _ = load_sdflow(model)
+    net, _ = load_model(model)
     results = {'sdflow_iters': args.sdflow_iters, 'sdflow_seconds': seconds}
     table, real_noise = downscaling_scores(net, data, held)
     results['downscaling'] = table

@@ -245,6 +245,31 @@ class D2CNet(nn.Module):
         sr = (weights.unsqueeze(2) * branches).sum(dim=1)
         return sr, weights
 
+    def summary_groups(self):
+        """Parts ``d2c-summary`` reports, in order: (label, state-dict prefix, 'divergence' | 'convergence').
+
+        Tree nodes are numbered 1-based per level, leaves 1-based depth-first (the order of the branches elsewhere).
+        """
+        groups = [('head (shallow conv)', 'head.', 'divergence')]
+        for level in range(self.tree_depth):
+            for node in range(self.tree_width**(level + 1)):
+                groups.append((f'tree level {level + 1} node {node + 1}', f'tree.{level}.{node}.', 'divergence'))
+        for leaf in range(self.num_branch):
+            groups.append((f'residual convs, leaf {leaf + 1}', f'res_convs.{leaf}.', 'divergence'))
+        for leaf in range(self.num_branch):
+            groups.append((f'tail (upsampler + conv), leaf {leaf + 1}', f'tails.{leaf}.', 'divergence'))
+        groups.append(('convergence network', 'convergence.', 'convergence'))
+        return groups
+
+    def summary_path(self):
+        """State-dict prefixes of the last branch's own path (head, one node per level, its res convs and tail)."""
+        leaf = self.num_branch - 1
+        nodes = [
+            f'tree.{level}.{leaf // self.tree_width**(self.tree_depth - level - 1)}.'
+            for level in range(self.tree_depth)
+        ]
+        return ['head.'] + nodes + [f'res_convs.{leaf}.', f'tails.{leaf}.']
+
     def forward(self, x, return_branches=False, stage='full', fuse_detached=False):
         """Super-resolve ``x``.
 

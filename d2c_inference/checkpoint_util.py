@@ -14,13 +14,13 @@ import re
 from os import path as osp
 
 import torch
-import yaml
 
-from d2c_arch import BRANCH_REGISTRY, D2CNet, bare_key, default_options, infer_options
-from d2c_arch.arch_util import accepted_options
+from d2c_arch import BRANCH_REGISTRY, bare_key, default_options
 from d2c_arch.d2cnet_arch import state_dict_differences
 from d2c_utils.errors import UserError
+from d2c_utils.option_check import read_option_file
 from d2c_utils.output_util import atomic_write
+from .registry import detect_method, method_of_options
 
 KEYS_PER_PART = 3  # keys listed per part of the network in a mismatch message
 
@@ -199,15 +199,9 @@ def select_state_dict(ckpt, path, param_key=None, param_key_option='--param-key'
     return {bare_key(k): v for k, v in state.items()}, key
 
 
-def read_option_file(opt_path):
-    """``network_g`` of an option file; UserError naming the file if it is missing or has none."""
-    if not osp.isfile(opt_path):
-        raise UserError(f'option file not found: {opt_path} (pass --opt <the training .yml>)')
-    try:
-        with open(opt_path, encoding='utf-8') as f:
-            opt = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f'cannot parse option file {opt_path}: {first_line(err)}') from None
+def option_file_network(opt_path):
+    """``network_g`` of an option file, read by the one reader (:func:`d2c_utils.option_check.read_option_file`)."""
+    opt = read_option_file(opt_path, flag='--opt', check=False)
     if not isinstance(opt, dict) or not isinstance(opt.get('network_g'), dict):
         raise UserError(f'option file {opt_path} has no network_g block; pass the option file the model was '
                         'trained with')
@@ -224,38 +218,51 @@ def carried_options(ckpt):
     return dict(carried) if isinstance(carried, dict) else None
 
 
-def network_options(ckpt, opt_path, model_path, infer_missing=False, param_key=None):
-    """``network_g`` for the checkpoint: from ``opt_path`` if given, else carried by the checkpoint.
+def network_options(ckpt, opt_path, model_path, infer_missing=None, param_key=None):
+    """``network_g`` for a checkpoint, by the one precedence rule, and the method it builds.
+
+    1. the option file ``opt_path``, if given; 2. the options the checkpoint carries (converted and
+    ``.safetensors`` checkpoints; training's ``.pth`` do not); 3. the options read from the weights
+    (:meth:`d2c_inference.registry.Method.options_from_weights`), with what they cannot tell assumed
+    and named in a warning, where the method runs without options (or ``infer_missing``).
 
     Args:
-        ckpt: The loaded checkpoint (or None).
+        ckpt: The loaded checkpoint, or None (options only).
         opt_path (str | None): Option file whose ``network_g`` is used.
         model_path (str | None): The checkpoint file, for messages.
-        infer_missing (bool): With neither, read the options from the weights' shapes
-            (:func:`d2c_arch.infer_options`); the options in ``d2c_arch.d2cnet_arch.NOT_INFERABLE`` then keep
-            D2CNet's defaults. Enough to count parameters, not to run the network faithfully.
-        param_key (str | None): The state dict the options are inferred from (see :func:`select_state_dict`).
+        infer_missing (bool | None): Read the options from the weights when neither 1 nor 2 has them;
+            None: where the method allows it (DAN, SDFlow; not D2CNet, whose mean and range change
+            every pixel). True is enough to count parameters, not always to run the network faithfully.
+        param_key (str | None): The state dict the options are read from (see :func:`select_state_dict`).
 
     Returns:
-        tuple[dict, str]: the network_g options (with ``type``) and where they came from.
+        tuple[dict, str, Method, list[str]]: the network_g options (with ``type``), where they came
+        from, the registry entry, and warnings.
     """
     if opt_path:
-        net_opt, source = read_option_file(opt_path), opt_path
-    else:
-        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
-        if net_opt is None and infer_missing and ckpt is not None:
-            state, key = select_state_dict(ckpt, model_path, param_key)
-            net_opt = {k: v for k, v in _inferred(state).items() if k != 'num_branch'}
-            source = f'{model_path}' + (f' [{key}]' if key else '') + ' (shape inferred from the keys)'
-        if net_opt is None:
-            raise UserError(f'{model_path} holds weights only: checkpoints written by training (d2c-train / BasicSR) '
-                            'do not store the network options, so --opt is required: pass the option file the model '
-                            'was trained with (BasicSR copies it into experiments/<name>/), e.g. '
-                            '--opt options/train_D2C_RealSR_x4.yml')
-    net_type = net_opt.get('type', 'D2CNet')
-    if net_type != 'D2CNet':
-        raise UserError(f'{source}: network_g type is {net_type!r}; only D2CNet models are supported here')
-    return net_opt, source
+        net_opt = option_file_network(opt_path)
+        return net_opt, opt_path, method_of_options(net_opt, opt_path), []
+    net_opt = carried_options(ckpt)
+    if net_opt is not None:
+        source = f'{model_path} (carried options)'
+        return net_opt, source, method_of_options(net_opt, source), []
+    state = key = method = None
+    if ckpt is not None:
+        state, key = select_state_dict(ckpt, model_path, param_key)
+        method = detect_method(state)
+    allowed = method is not None and (method.runs_without_options if infer_missing is None else infer_missing)
+    if not allowed:
+        what = f'a {method.name}' if method else 'weights of no network d2c-sr knows'
+        raise UserError(f'{model_path} holds {what} only: checkpoints written by training (d2c-train / BasicSR) '
+                        'do not store the network options, so --opt is required: pass the option file the model '
+                        'was trained with (BasicSR copies it into experiments/<name>/), e.g. '
+                        '--opt options/train_D2C_RealSR_x4.yml')
+    try:
+        net_opt = method.options_from_weights(state)
+    except ValueError as err:
+        raise UserError(f'{model_path}: {err}') from None
+    source = f'{model_path}' + (f' [{key}]' if key else '') + ' (shape inferred from the keys)'
+    return net_opt, source, method, [method.assumed_note()]
 
 
 def test_option_dict(weights_path, model_type, scale, net_opt, dataset, **val_options):
@@ -297,72 +304,9 @@ def test_option_dict(weights_path, model_type, scale, net_opt, dataset, **val_op
     }
 
 
-def load_arch_checkpoint(model_path, opt_path, param_key, device, arch, read_options, inferred_note, fixed=None):
-    """Build a network of class ``arch`` (DAN, SDFlow, ...) and load a checkpoint into it (weights only).
-
-    Args:
-        model_path (str): The checkpoint.
-        opt_path (str | None): Option file whose ``network_g`` is used; without it the options the
-            checkpoint carries, else ``read_options(state)``.
-        param_key (str | None): See :func:`select_state_dict`.
-        device (str | torch.device): Where the network goes.
-        arch (type): The network class.
-        read_options (callable): ``state -> network_g`` read from the weights; ValueError if it cannot.
-        inferred_note (str): The warning given when the options were read from the weights (what
-            they cannot tell and what was assumed).
-        fixed (dict | None): Constructor arguments set here whatever the options say.
-
-    Returns:
-        tuple[nn.Module, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
-        ``net_opt``, ``warnings`` (as :func:`load_model`).
-    """
-    ckpt = load_checkpoint(model_path)
-    state, key = select_state_dict(ckpt, model_path, param_key)
-    warnings = []
-    if opt_path:
-        net_opt, source = read_option_file(opt_path), opt_path
-    elif carried_options(ckpt):
-        net_opt, source = carried_options(ckpt), f'{model_path} (carried options)'
-    else:
-        try:
-            net_opt = read_options(state)
-        except ValueError as err:
-            raise UserError(f'{model_path}: {err}') from None
-        source = f'{model_path} (shape inferred from the keys)'
-        warnings.append(inferred_note)
-    kwargs = dict({k: v for k, v in net_opt.items() if k != 'type'}, **(fixed or {}))
-    unknown = sorted(set(kwargs) - set(accepted_options(arch)))
-    if unknown:
-        raise UserError(f'{source}: network_g has options {arch.__name__} does not know: {unknown}')
-    try:
-        net = arch(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f'{source}: network_g is not valid: {err}') from None
-    problem = mismatch_message(net, state, net_opt, source, f'checkpoint {model_path}' + (f' [{key}]' if key else ''),
-                               'pass the option file this checkpoint was trained with (--opt)')
-    if problem:
-        raise UserError(problem)
-    net.load_state_dict(state, strict=True)
-    return net.eval().to(device), {'param_key': key, 'opt_source': source, 'net_opt': net_opt, 'warnings': warnings}
-
-
-def _inferred(state):
-    try:
-        return infer_options(state)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-
-
 def build_network(net_opt, source):
-    """D2CNet from network_g options; bad options name the source."""
-    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
-    unknown = sorted(set(kwargs) - set(default_options()))
-    if unknown:
-        raise UserError(f'{source}: network_g has options D2CNet does not know: {unknown}')
-    try:
-        return D2CNet(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f'{source}: network_g is not valid: {err}') from None
+    """The network of any registered method from network_g options; bad options name the source."""
+    return method_of_options(net_opt, source).build(net_opt, source)
 
 
 def _listed(entries, per_part=KEYS_PER_PART):
@@ -400,14 +344,15 @@ def mismatch_message(net, state, net_opt, opt_source, model_desc, hint):
     if resized:
         shown = [f'{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}' for k in resized]
         lines.append(f'  different shapes ({len(resized)}): {_listed(shown, KEYS_PER_PART - 1)}')
+    method = detect_method(state) or method_of_options(net_opt, opt_source)
     try:
-        inferred = infer_options(state)
-    except ValueError:
+        inferred = method.read_options(state)
+    except Exception:  # a damaged state dict can fail anywhere in the shape reading
         inferred = {}
-    defaults = default_options()
+    defaults = default_options(type(net))
     differ = []
     for key, value in inferred.items():
-        configured = net.num_branch if key == 'num_branch' else net_opt.get(key, defaults.get(key))
+        configured = net_opt.get(key, defaults.get(key))
         if key == 'branch_opt':  # compare only what the weights tell, against the branch's own defaults
             branch_defaults = default_options(BRANCH_REGISTRY.get(net_opt.get('branch_type', defaults['branch_type'])))
             configured = {k: (configured or {}).get(k, branch_defaults.get(k)) for k in value}
@@ -451,7 +396,8 @@ def load_weights(net,
                  strict=True,
                  param_key_option='--param-key',
                  hint=None,
-                 report_loose=None):
+                 report_loose=None,
+                 constants=True):
     """Load a checkpoint into ``net``, checking that it fits.
 
     Args:
@@ -466,6 +412,7 @@ def load_weights(net,
         hint (str | None): How to fix a mismatch; default: pass the right option file.
         report_loose (callable | None): With ``strict=False``, called with the state dict before
             loading; it may drop entries that cannot load (BasicSR's ``_print_different_keys_loading``).
+        constants (bool): Also compare a converted D2CNet's constants (:func:`constants_mismatch`).
 
     Returns:
         dict: ``param_key`` (the key used) and ``warnings`` (see :func:`constants_mismatch`).
@@ -482,35 +429,37 @@ def load_weights(net,
     elif report_loose is not None:
         report_loose(state)
     net.load_state_dict(state, strict=strict)
-    return {'param_key': key, 'warnings': constants_mismatch(ckpt, net_opt)}
+    return {'param_key': key, 'warnings': constants_mismatch(ckpt, net_opt) if constants else []}
 
 
-def load_model(model_path, opt_path=None, param_key=None, device='cpu', infer_missing=False):
-    """Build D2CNet and load its weights, checking everything on the way.
+def load_model(model_path, opt_path=None, param_key=None, device='cpu', infer_missing=None):
+    """The one checkpoint loader: build the network of any registered method and load its weights, checked.
 
     Args:
         model_path (str): Checkpoint (BasicSR's ``params`` / ``params_ema``, a converted
-            checkpoint, or a bare state dict).
-        opt_path (str | None): Option file with ``network_g``; required unless the checkpoint
-            carries its options (or ``infer_missing``).
+            checkpoint, a ``.safetensors`` file, or a bare state dict).
+        opt_path (str | None): Option file with ``network_g``; see :func:`network_options` for
+            when it is required.
         param_key (str | None): State dict to use; default ``params_ema`` if present, else ``params``.
         device (str | torch.device): Where the network goes.
-        infer_missing (bool): See :func:`network_options`.
+        infer_missing (bool | None): See :func:`network_options`.
 
     Returns:
-        tuple[D2CNet, dict]: the network in eval mode on ``device``, and a description dict
-        (``param_key``, ``opt_source``, ``net_opt``, ``warnings``).
+        tuple[nn.Module, dict]: the network in eval mode on ``device``, and a description dict
+        (``method``: the registry entry, ``param_key``, ``opt_source``, ``net_opt``, ``warnings``).
     """
     ckpt = load_checkpoint(model_path)
-    net_opt, opt_source = network_options(ckpt, opt_path, model_path, infer_missing, param_key)
-    net = build_network(net_opt, opt_source)
-    info = load_weights(net, ckpt, model_path, net_opt, opt_source, param_key)
+    net_opt, opt_source, method, warnings = network_options(ckpt, opt_path, model_path, infer_missing, param_key)
+    net = method.build(net_opt, opt_source)
+    info = load_weights(net, ckpt, model_path, net_opt, opt_source, param_key, constants=False)
+    warnings += method.check_loaded(net, ckpt, net_opt, model_path)
     net.eval().to(device)
     return net, {
+        'method': method,
         'param_key': info['param_key'],
         'opt_source': opt_source,
         'net_opt': net_opt,
-        'warnings': info['warnings']
+        'warnings': warnings
     }
 
 

@@ -7,63 +7,9 @@ equals ``net(lq)`` exactly), and restores the whole image or every tile with the
 one code (c_{T-1}, the code the loop's last SR image is made with).
 """
 import torch
-import yaml
 from torch import nn as nn
 
-from d2c_arch import DAN, infer_dan_options
 from d2c_utils.errors import UserError
-from .checkpoint_util import load_arch_checkpoint, load_checkpoint
-
-DAN_KEY = 'restorer.image_head.weight'
-SDFLOW_KEY = 'lr_encoder.conv_first.weight'
-# options the weights cannot tell; a checkpoint without options runs with these (and a warning)
-DAN_ASSUMED = {'loop': 4, 'group_skip': 'double'}
-
-
-def model_type(model_path, opt_path=None):
-    """'DAN', 'SDFlow' or 'D2CNet': what ``--model`` (with ``--opt``) holds, from the option file or the keys."""
-    if model_path.lower().endswith('.onnx'):
-        return 'D2CNet'
-    if opt_path:
-        try:
-            with open(opt_path, encoding='utf-8') as f:
-                network = (yaml.safe_load(f) or {}).get('network_g') or {}
-        except (OSError, yaml.YAMLError):
-            return 'D2CNet'  # the D2CNet loader reports the problem with the file
-        return network.get('type') if network.get('type') in ('DAN', 'SDFlow') else 'D2CNet'
-    try:
-        ckpt = load_checkpoint(model_path)
-    except UserError:
-        return 'D2CNet'
-    state = ckpt.get('params_ema', ckpt.get('params', ckpt)) if isinstance(ckpt, dict) else None
-    if isinstance(state, dict) and any(k.endswith(SDFLOW_KEY) for k in state):
-        return 'SDFlow'
-    return 'DAN' if isinstance(state, dict) and any(k.endswith(DAN_KEY) for k in state) else 'D2CNet'
-
-
-def load_dan(model_path, opt_path=None, param_key=None, device='cpu'):
-    """Build DAN and load a checkpoint (weights only; the PCA matrix comes from the checkpoint).
-
-    Returns:
-        tuple[DAN, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
-        ``net_opt``, ``warnings`` (as :func:`d2c_inference.checkpoint_util.load_model`).
-    """
-    net, info = load_arch_checkpoint(
-        model_path,
-        opt_path,
-        param_key,
-        device,
-        DAN,
-        lambda state: dict(infer_dan_options(state), **DAN_ASSUMED),
-        f'no options: loop={DAN_ASSUMED["loop"]} and group_skip={DAN_ASSUMED["group_skip"]} assumed (the weights '
-        'cannot tell them); pass --opt <the training option file> if they differ',
-        # the checkpoint's buffer is loaded; no need for the PCA file here
-        fixed={'pca_matrix': None})
-    if not bool(net.pca_matrix.any()):  # found here, not at the first image
-        raise UserError(f'{model_path}: its PCA matrix (the buffer pca_matrix) is all zeros, so DAN cannot encode '
-                        'kernels; convert the official weights with d2c-convert-dan --pca <pca_matrix.pth>, or use '
-                        'a checkpoint written by training with network_g.pca_matrix set')
-    return net, info
 
 
 def central_crop(lq, size):
@@ -110,3 +56,13 @@ class FixedKernelRestorer(nn.Module):
         if return_branches:
             raise UserError('DAN has no branches or weight maps; drop --save-branches / --save-weights')
         return self.net.restorer(lq, self.code.expand(lq.size(0), -1).to(lq.dtype))
+
+
+def one_kernel_per_image(net, lq, options, device, forward):
+    """DAN's step before tiling (``process_image``'s ``per_image``): the kernel, then a Restorer with its code.
+
+    Returns:
+        tuple[FixedKernelRestorer, Tensor]: what the tiles run through, and the kernel (l, l) to save.
+    """
+    code, kernel = estimate_kernel(net, lq, options.kernel_crop, device, getattr(forward, 'dtype', None))
+    return FixedKernelRestorer(net, code), kernel

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from basicsr.utils import tensor2img
-from d2c_arch import DAN
 from d2c_data.degradations import kernel_picture
 from d2c_metrics.perceptual_metric import calculate_dists, calculate_lpips, dists_network, lpips_network
 from d2c_utils.errors import ImageError, UserError
@@ -27,7 +26,6 @@ from d2c_utils.img_util import compose_output, image_kind, output_ext, read_imag
 from d2c_utils.output_util import atomic_write_bytes
 from d2c_utils.precision_util import cpu_has_native_bf16, resolve_precision
 from d2c_utils.visual_util import labelled_grid, weight_heatmap
-from .dan_infer_util import FixedKernelRestorer, estimate_kernel
 from .tile_util import super_resolve
 
 
@@ -205,7 +203,7 @@ def write_grid(path, lq, branches, weights, sr, scale, max_side):
     write_image(path, labelled_grid(rows, labels))
 
 
-def process_image(path, net, options, device, forward, prog='d2c-infer'):
+def process_image(path, net, options, device, forward, prog='d2c-infer', per_image=None):
     """Super-resolve one file and write its outputs.
 
     Args:
@@ -215,6 +213,9 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
         device (torch.device): Where tiles are computed.
         forward (callable): ``forward(net, lq, return_branches)`` (a ``GuardedForward``).
         prog (str): Prefix of the warnings printed on stderr.
+        per_image (callable | None): ``per_image(net, lq, options, device, forward) -> (net, kernel)``: a
+            method's step before tiling (DAN: one kernel estimate per image, the tiles restored with it);
+            the returned network has no branches.
 
     Returns:
         dict | None: the metrics (see :func:`reference_metrics`) if a reference was found.
@@ -234,9 +235,9 @@ def process_image(path, net, options, device, forward, prog='d2c-infer'):
             ref_path = None
     need_branches = options.save_branches or options.save_weights or ref_path is not None
     kernel = None
-    if isinstance(net, DAN):  # one kernel estimate per image; the whole image or every tile restored with it
-        code, kernel = estimate_kernel(net, lq, options.kernel_crop, device, getattr(forward, 'dtype', None))
-        net, need_branches = FixedKernelRestorer(net, code), False
+    if per_image is not None:
+        net, kernel = per_image(net, lq, options, device, forward)
+        need_branches = False
     sr, branches, weights = super_resolve(
         net,
         lq,

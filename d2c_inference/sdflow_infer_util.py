@@ -16,31 +16,11 @@ import torch
 from torch import nn as nn
 from tqdm import tqdm
 
-from d2c_arch import SDFlow, infer_sdflow_options
-from d2c_arch.sdflow_arch import NOT_INFERABLE
 from d2c_utils.errors import ImageError
 from d2c_utils.img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
 from d2c_utils.precision_util import autocast
 from d2c_utils.visual_util import weight_heatmap
-from .checkpoint_util import load_arch_checkpoint
 from .tile_util import super_resolve
-
-
-def load_sdflow(model_path, opt_path=None, param_key=None, device='cpu'):
-    """Build SDFlow and load a checkpoint (weights only).
-
-    Options come from ``opt_path`` (``network_g``), the options a checkpoint carries, or the
-    weights (:func:`d2c_arch.infer_sdflow_options`; the temperature and the mixture sampling
-    then keep their defaults, with a warning).
-
-    Returns:
-        tuple[SDFlow, dict]: the network in eval mode, and ``param_key``, ``opt_source``,
-        ``net_opt``, ``warnings``.
-    """
-    return load_arch_checkpoint(
-        model_path, opt_path, param_key, device, SDFlow, infer_sdflow_options,
-        f'no options: {", ".join(NOT_INFERABLE)} keep their defaults (temperature 0.8, element-wise mixture '
-        'sampling); --temperature sets the first')
 
 
 class SampledSR(nn.Module):

@@ -30,29 +30,14 @@ import sys
 
 from tqdm import tqdm
 
-import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_deploy.runtime_util import BACKENDS, default_cache_dir, load_runtime_model, select_backend
-from d2c_inference.checkpoint_util import load_model
-from d2c_inference.dan_infer_util import load_dan, model_type
-from d2c_inference.infer_util import (
-    PERCEPTUAL_METRICS,
-    OutputOptions,
-    earlier_outputs,
-    nonfinite_weights,
-    prepare_perceptual,
-    process_image,
-    select_device,
-    select_precision,
-    write_metrics,
-)
-from d2c_inference.sdflow_infer_util import load_sdflow, process_sdflow_image
-from d2c_inference.tile_util import GuardedForward, prepare_network
-from d2c_utils.compile_util import CompiledCall, compile_options
 from d2c_utils.errors import ImageError, UserError, command_line_tool, report_user_error
-from d2c_utils.img_util import DEFAULT_MAX_PIXELS, list_inputs
-from d2c_utils.precision_util import precision_name
+from d2c_utils.img_util import DEFAULT_MAX_PIXELS
 
+# the library is imported in main(), after the arguments are read: --help and usage errors answer at once
 PROG = 'd2c-infer'
+# what runs the network (d2c_deploy.runtime_util checks the choice); the perceptual metrics of --perceptual
+BACKENDS = ('auto', 'torch', 'onnxruntime', 'openvino')
+PERCEPTUAL_METRICS = ('lpips', 'dists')
 # documented default context around a tile, in LR pixels (see docs/inference.md, tiling)
 DEFAULT_TILE_PAD = 32
 
@@ -221,6 +206,8 @@ def parse_args(argv):
         parser.error(f'--reference: folder not found: {args.reference}')
     if args.perceptual and not args.reference:
         parser.error('--perceptual needs --reference HR_DIR (the images to compare with)')
+    # what the user set: a method refuses the flags it cannot honour (registry.Method.refused)
+    args.given = {dest for dest, value in vars(args).items() if value != parser.get_default(dest)}
     return args
 
 
@@ -228,48 +215,37 @@ def warn(message):
     tqdm.write(f'{PROG}: warning: {message}', file=sys.stderr)
 
 
-# flags that DAN and SDFlow checkpoints refuse, and what to do instead
-TORCH_ONLY_REFUSALS = {
-    'DAN': (('save_branches', 'save_weights'),
-            'DAN has no branches or weight maps: drop --save-branches / --save-weights (--save-kernel writes its '
-            'kernel estimate)'),
-    'SDFlow': (('save_branches', 'save_weights', 'reference', 'outscale'),
-               'SDFlow writes samples: drop --save-branches / --save-weights / --reference / --outscale '
-               '(--samples N writes N samples with their mean and spread)'),
-}
+def choose_backend(args, method, device):
+    """The backend that runs ``method`` and why; methods without an export run on PyTorch."""
+    from d2c_deploy.runtime_util import select_backend
+
+    if not method.deployable:
+        if args.backend not in ('auto', 'torch'):
+            raise UserError(f'--backend {args.backend}: {method.name} checkpoints run with --backend torch (or auto); '
+                            'd2c-export does not export them yet')
+        return 'torch', 'requested' if args.backend == 'torch' else f'auto: {method.name} runs on PyTorch'
+    if args.compile:  # select_backend refuses an .onnx file for torch
+        backend, why = select_backend('torch', args.model, device)
+        return backend, why if args.backend == 'torch' else 'auto: --compile runs PyTorch'
+    return select_backend(args.backend, args.model, device)
 
 
-def torch_only_backend(args, kind):
-    """DAN and SDFlow run on PyTorch (d2c-export covers D2CNet); refuse the other backends and their misfit flags."""
-    if args.backend not in ('auto', 'torch'):
-        raise UserError(f'--backend {args.backend}: {kind} checkpoints run with --backend torch (or auto); d2c-export '
-                        'exports D2CNet models')
-    flags, message = TORCH_ONLY_REFUSALS[kind]
-    if any(getattr(args, flag) for flag in flags):
-        raise UserError(message)
-    return 'torch', 'requested' if args.backend == 'torch' else f'auto: {kind} runs on PyTorch'
+def open_model(args, backend, device, loaded):
+    """The network to run (a PyTorch module or an exported model), its description and the autocast dtype.
 
+    ``loaded``: ``(net, info)`` from the one loader (on the CPU), or None for an ONNX file.
+    """
+    from d2c_inference.infer_util import select_precision
 
-def open_model(args, backend, device, kind='D2CNet'):
-    """The network to run (D2CNet, DAN, SDFlow or an exported D2CNet), its description and the autocast dtype."""
-    if kind == 'SDFlow':
+    if backend == 'torch':
+        net, info = loaded
         dtype = select_precision(args.precision, device, warn)
-        net, info = load_sdflow(args.model, args.opt, args.param_key, device)
-    elif kind == 'DAN':
-        dtype = select_precision(args.precision, device, warn)
-        net, info = load_dan(args.model, args.opt, args.param_key, device)
-        prepare_network(net, args.channels_last)
-    elif backend == 'torch':
-        dtype = select_precision(args.precision, device, warn)
-        net, info = load_model(args.model, args.opt, args.param_key, device)
-        prepare_network(net, args.channels_last)
-        if args.compile:  # the instance's forward: the network keeps its class, attributes and state dict
-            net.forward = CompiledCall(net.forward, compile_options(True, '--compile'), warn, name='D2CNet')
+        net = info['method'].prepare(net.to(device), args, warn)
     else:
+        from d2c_deploy.runtime_util import default_cache_dir, load_runtime_model
+
         need_branches = args.save_branches or args.save_weights or args.reference is not None
-        net, info = None, {'opt_source': f'{args.model} (exported)', 'warnings': []}
-        if not args.model.lower().endswith('.onnx'):  # a checkpoint: export it (once, cached)
-            net, info = load_model(args.model, args.opt, args.param_key, 'cpu')
+        net, info = loaded if loaded is not None else (None, {'opt_source': f'{args.model} (exported)', 'warnings': []})
         cache = default_cache_dir() if args.cache_dir is None else args.cache_dir
         log = lambda message: print(f'{PROG}: {message}', file=sys.stderr)  # noqa: E731
         model = load_runtime_model(
@@ -287,6 +263,8 @@ def open_model(args, backend, device, kind='D2CNet'):
 
 def runtime_precision(precision, model, device):
     """The autocast-style dtype an exported model runs in for ``--precision`` (None: fp32)."""
+    from d2c_inference.infer_util import select_precision
+
     if model.backend == 'onnxruntime':
         if precision in ('auto', 'fp32'):
             return None
@@ -300,6 +278,9 @@ def runtime_precision(precision, model, device):
 
 def select_inputs(args):
     """The input files; refuse a run whose every output would replace its input, drop earlier runs' outputs."""
+    from d2c_inference.infer_util import earlier_outputs
+    from d2c_utils.img_util import list_inputs
+
     inputs = list_inputs(args.input)
     in_folder = args.input if os.path.isdir(args.input) else os.path.dirname(args.input) or '.'
     if os.path.isdir(args.output) and os.path.samefile(in_folder, args.output):
@@ -319,6 +300,18 @@ def select_inputs(args):
 def main(argv=None):
     """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors, 130 Ctrl-C)."""
     args = parse_args(argv)
+    from d2c_inference.checkpoint_util import load_model
+    from d2c_inference.infer_util import (
+        OutputOptions,
+        nonfinite_weights,
+        prepare_perceptual,
+        select_device,
+        write_metrics,
+    )
+    from d2c_inference.registry import method_named
+    from d2c_inference.tile_util import GuardedForward
+    from d2c_utils.precision_util import precision_name
+
     try:
         # OpenVINO runs on the CPU: 'auto' must not pick a CUDA device for it
         device = select_device('cpu' if args.backend == 'openvino' and args.device == 'auto' else args.device)
@@ -327,25 +320,20 @@ def main(argv=None):
             args.precision = 'fp32'
         elif args.fp16:
             args.precision = 'fp16'
-        kind = model_type(args.model, args.opt)
-        if args.compile and kind != 'D2CNet':
-            raise UserError(f'--compile compiles D2CNet models; {args.model} holds a {kind}: drop --compile')
+        if args.model.lower().endswith('.onnx'):  # written by d2c-export (D2CNet)
+            loaded, method = None, method_named('D2CNet')
+        else:
+            loaded = load_model(args.model, args.opt, args.param_key, 'cpu')
+            method = loaded[1]['method']
+        method.refuse(args.given, args.model)
+        if args.compile and not method.compiles:
+            raise UserError(f'--compile compiles D2CNet models; {args.model} holds a {method.name}: drop --compile')
         if args.compile and args.backend not in ('auto', 'torch'):
             raise UserError(f'--compile runs PyTorch\'s torch.compile; --backend {args.backend} runs an exported '
                             'model: use --backend torch (or auto), or drop --compile')
-        if kind in TORCH_ONLY_REFUSALS:
-            backend, why = torch_only_backend(args, kind)
-        else:
-            if args.downscale or args.samples > 1 or args.temperature is not None:
-                raise UserError(f'--downscale, --samples and --temperature are for SDFlow checkpoints; {args.model} '
-                                f'holds a {kind}')
-            if args.compile:  # select_backend refuses an .onnx file for torch
-                backend, why = select_backend('torch', args.model, device)
-                why = why if args.backend == 'torch' else 'auto: --compile runs PyTorch'
-            else:
-                backend, why = select_backend(args.backend, args.model, device)
+        backend, why = choose_backend(args, method, device)
         inputs = select_inputs(args)
-        net, info, dtype = open_model(args, backend, device, kind)
+        net, info, dtype = open_model(args, backend, device, loaded)
         broken = nonfinite_weights(net)
         if broken:
             raise UserError(f'{args.model}: the weights hold NaN/inf values ({broken}); the checkpoint is broken '
@@ -362,20 +350,10 @@ def main(argv=None):
     layout = ('channels_last' if args.channels_last else 'NCHW') if backend == 'torch' else info['prepared']
     if args.compile:
         layout += ', torch.compile'
-
-    if kind == 'SDFlow':
-        temperature = net.temperature if args.temperature is None else args.temperature
-        task = 'downscaling HR photos' if args.downscale else 'SR'
-        network = f'SDFlow x4, {task}, {args.samples} sample(s) at temperature {temperature} (seed {args.seed})'
-        if args.downscale and args.tile:
-            warn('--tile is ignored when downscaling (whole images)')
-    elif kind == 'DAN':
-        crop = f'kernel from the central {args.kernel_crop}px' if args.kernel_crop else 'kernel from the whole image'
-        network = f'DAN x{net.upscale}, loop {net.loop}, kernel {net.kernel_size}x{net.kernel_size} ({crop})'
-    else:
-        network = f'D2CNet x{net.upscale}, {net.num_branch} branches (L={net.tree_depth}, C={net.tree_width})'
-    print(f'{network}; weights {weights}; options {info["opt_source"]}; backend {backend} ({why}); {device.type}, '
-          f'{precision_name(dtype)}, {layout}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+    print(f'{method.describe(net, args)}; weights {weights}; options {info["opt_source"]}; backend {backend} ({why}); '
+          f'{device.type}, {precision_name(dtype)}, {layout}; {tiling}; {len(inputs)} input(s) -> {args.output}')
+    if args.downscale and args.tile:
+        warn('--tile is ignored when downscaling (whole images)')
     if args.reference and dtype is not None:
         print(
             f'{PROG}: note: metrics of a {precision_name(dtype)} run can be a few hundredths of a dB below fp32\'s '
@@ -387,10 +365,7 @@ def main(argv=None):
     failed, rows = [], []
     for index, path in enumerate(tqdm(inputs, unit='img', disable=args.quiet, file=sys.stderr)):
         try:
-            if kind == 'SDFlow':
-                metrics = process_sdflow_image(path, net, options, device, forward, PROG)
-            else:
-                metrics = process_image(path, net, options, device, forward, PROG)
+            metrics = method.process_image(path, net, options, device, forward, PROG)
         except UserError as err:  # a full disk: the next images would fail the same way
             print(f'{index - len(failed)} of {len(inputs)} image(s) written to {args.output} before', file=sys.stderr)
             return report_user_error(PROG, err)

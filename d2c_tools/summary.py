@@ -1,4 +1,4 @@
-"""Parameters and multiply-accumulates of a D2C-SR network, part by part.
+"""Parameters and multiply-accumulates of a D2C-SR, DANv2 or SDFlow network, part by part.
 
     d2c-summary --opt options/train_D2C_RealSR_x4.yml
     d2c-summary --model experiments/<name>/models/net_g_latest.pth     (shape inferred from the keys)
@@ -12,10 +12,9 @@ per megapixel of *output*, counted with torch's FlopCounterMode on every Conv2d 
 import argparse
 import sys
 
-import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_inference.checkpoint_util import build_network, load_model, network_options
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
-from d2c_utils.summary_util import describe, summarize
+
+# the library is imported in main(), after the arguments are read: --help and usage errors answer at once
 
 PROG = 'd2c-summary'
 
@@ -35,7 +34,7 @@ def main(argv=None):
     """Entry point of ``d2c-summary``; returns the exit status (0, or 2 for bad input files)."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--opt', help='option file with a network_g block (D2CNet)')
+    parser.add_argument('--opt', help='option file with a network_g block (D2CNet, DAN or SDFlow)')
     parser.add_argument(
         '-m', '--model', help='checkpoint (.pth or .safetensors); alone, the tree shape is inferred from its keys')
     parser.add_argument(
@@ -56,16 +55,18 @@ def main(argv=None):
         parser.error('pass --opt <option file> and/or --model <checkpoint>')
     if args.count_size < 2:
         parser.error('--count-size must be >= 2')
+    from d2c_inference.checkpoint_util import load_model, network_options
+    from d2c_utils.summary_util import summarize
     try:
         if args.model:
             net, info = load_model(args.model, args.opt, args.param_key, infer_missing=True)
-            net_opt, source = info['net_opt'], info['opt_source']
+            net_opt, source, method = info['net_opt'], info['opt_source'], info['method']
         else:
-            net_opt, source = network_options(None, args.opt, None)
-            net = build_network(net_opt, source)
+            net_opt, source, method, _ = network_options(None, args.opt, None)
+            net = method.build(net_opt, source)
     except UserError as err:
         return report_user_error(PROG, err)
-    print(f'D2CNet from {source}: {describe(net_opt, net)}\n')
+    print(f'{method.name} from {source}: {method.summary_line(net_opt, net)}\n')
     print(summarize(net, args.count_size, args.image_size))
     return 0
 

@@ -22,26 +22,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def module_groups(net):
-    """Parts of D2CNet to report, in order: (label, state-dict prefix, part).
+    """Parts of a network to report, in order: (label, state-dict prefix, part).
 
-    ``part`` is 'divergence' or 'convergence'; tree nodes are numbered 1-based per level, leaves
-    1-based depth-first (the order of the branches elsewhere).
+    The network's own ``summary_groups()`` where it has one (D2CNet: head, every tree node,
+    every leaf's residual convs and tail in the divergence part, the convergence network), else
+    one group per top-level module that has parameters, all in the part 'network'.
     """
-    groups = [('head (shallow conv)', 'head.', 'divergence')]
-    for level in range(net.tree_depth):
-        for node in range(net.tree_width**(level + 1)):
-            groups.append((f'tree level {level + 1} node {node + 1}', f'tree.{level}.{node}.', 'divergence'))
-    for leaf in range(net.num_branch):
-        groups.append((f'residual convs, leaf {leaf + 1}', f'res_convs.{leaf}.', 'divergence'))
-    for leaf in range(net.num_branch):
-        groups.append((f'tail (upsampler + conv), leaf {leaf + 1}', f'tails.{leaf}.', 'divergence'))
-    groups.append(('convergence network', 'convergence.', 'convergence'))
-    return groups
+    if hasattr(net, 'summary_groups'):
+        return net.summary_groups()
+    return [(name, f'{name}.', 'network') for name, module in net.named_children()
+            if any(True for _ in module.parameters())]
 
 
-def count_params(net):
+def count_params(net, groups=None):
     """Parameters per state-dict prefix of :func:`module_groups`: dict prefix -> count."""
-    counts = {prefix: 0 for _, prefix, _ in module_groups(net)}
+    counts = {prefix: 0 for _, prefix, _ in (groups or module_groups(net))}
     for name, param in net.named_parameters():
         for prefix in counts:
             if name.startswith(prefix):
@@ -57,7 +52,8 @@ def _conv_macs(net, lr_size):
         net.eval()
         device = next(net.parameters()).device
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(torch.rand(1, net.head.in_channels, lr_size, lr_size, device=device))
+            channels = next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
+            net(torch.rand(1, getattr(net, 'num_in_ch', channels), lr_size, lr_size, device=device))
     finally:
         net.train(was_training)
     counts = counter.get_flop_counts()
@@ -70,7 +66,7 @@ def _conv_macs(net, lr_size):
     return macs
 
 
-def count_macs(net, lr_size=16):
+def count_macs(net, lr_size=16, groups=None):
     """Conv MACs per output pixel, per prefix, counted with ``torch.utils.flop_counter.FlopCounterMode``.
 
     The network runs on random inputs of side ``lr_size`` and ``2 * lr_size``; a conv's count
@@ -85,7 +81,7 @@ def count_macs(net, lr_size=16):
         tuple[dict, dict]: prefix -> MACs per output pixel (spatial convs), and prefix -> MACs
         per image (the channel-attention convs on pooled features).
     """
-    groups = [prefix for _, prefix, _ in module_groups(net)]
+    groups = [prefix for _, prefix, _ in (groups or module_groups(net))]
     per_pixel = {prefix: 0 for prefix in groups}
     per_image = {prefix: 0 for prefix in groups}
     sizes = (lr_size, 2 * lr_size)
@@ -100,61 +96,49 @@ def count_macs(net, lr_size=16):
     return per_pixel, per_image
 
 
-def describe(net_opt, net):
-    opt = dict(net_opt)
-    parts = [
-        f'x{net.upscale}', f'L={net.tree_depth}, C={net.tree_width} -> P={net.num_branch} branches',
-        f'F={net.head.out_channels}'
-    ]
-    branch = opt.get('branch_type', 'RCANBranch')
-    parts.append(f'{branch} G={opt.get("num_group", 2)}, B={opt.get("num_block", 4)}' +
-                 (f', reduction {opt.get("reduction", 16)}' if branch == 'RCANBranch' else ''))
-    parts.append(f'fusion features {net.convergence[0].out_channels}')
-    return ', '.join(parts)
-
-
 def summarize(net, lr_size=16, image_size=(256, 256)):
     """The report as text (see the module docstring)."""
-    params = count_params(net)
-    per_pixel, per_image = count_macs(net, lr_size)
-    rows = []
-    totals = OrderedDict((part, [0, 0.]) for part in ('divergence', 'convergence'))
-    for label, prefix, part in module_groups(net):
-        rows.append((f'  {label} ({prefix}*)', params[prefix], per_pixel[prefix]))
-        totals[part][0] += params[prefix]
-        totals[part][1] += per_pixel[prefix]
+    groups = module_groups(net)
+    params = count_params(net, groups)
+    per_pixel, per_image = count_macs(net, lr_size, groups)
+    totals = OrderedDict()
+    for _, prefix, part in groups:
+        total = totals.setdefault(part, [0, 0.])
+        total[0] += params[prefix]
+        total[1] += per_pixel[prefix]
     total_params = sum(t[0] for t in totals.values())
     total_mac = sum(t[1] for t in totals.values())
     ca_per_image = sum(per_image.values())
-
-    # one prediction's own path: what a single-branch network of the same depth would cost
-    leaf = net.num_branch - 1
-    path = ['head.'] + [
-        f'tree.{level}.{leaf // net.tree_width**(net.tree_depth - level - 1)}.' for level in range(net.tree_depth)
-    ] + [f'res_convs.{leaf}.', f'tails.{leaf}.']
 
     def line(label, count, mac):
         return f'{label:52s} {count:>12,d} {mac * 1e6 / 1e9:>12.2f}'
 
     out = [f'{"part":52s} {"params":>12s} {"GMAC/MP out":>12s}']
-    div_rows = [r for r in rows if not r[0].startswith('  convergence')]
-    out.append(line('divergence network', *totals['divergence']))
-    out += [line(*r) for r in div_rows]
-    out.append(line('convergence network (convergence.*)', *totals['convergence']))
+    for part, total in totals.items():
+        rows = [(f'  {label} ({prefix}*)', params[prefix], per_pixel[prefix]) for label, prefix, p in groups
+                if p == part]
+        if len(rows) == 1 and part != 'network':  # a part of one module: one line, named by the part
+            out.append(line(f'{part} network ({groups[[p for _, _, p in groups].index(part)][1]}*)', *total))
+            continue
+        if part != 'network':
+            out.append(line(f'{part} network', *total))
+        out += [line(*row) for row in rows]
     out.append(line('total', total_params, total_mac))
-    out.append(
-        line('one branch\'s own path (head, L nodes, res convs, tail)', sum(params[p] for p in path),
-             sum(per_pixel[p] for p in path)))
+    if hasattr(net, 'summary_path'):  # one prediction's own path: what a single-branch network would cost
+        path = net.summary_path()
+        out.append(
+            line('one branch\'s own path (head, L nodes, res convs, tail)', sum(params[p] for p in path),
+                 sum(per_pixel[p] for p in path)))
     h, w = image_size
     s = net.upscale
     whole = total_mac * h * w * s * s + ca_per_image
     out.append('')
-    out.append(f'Parameters: {total_params:,d} ({total_params * 4 / 2**20:.1f} MiB as float32); divergence '
-               f'{totals["divergence"][0]:,d}, convergence {totals["convergence"][0]:,d}.')
+    parts = '; ' + ', '.join(f'{part} {t[0]:,d}' for part, t in totals.items()) if len(totals) > 1 else ''
+    out.append(f'Parameters: {total_params:,d} ({total_params * 4 / 2**20:.1f} MiB as float32){parts}.')
     out.append(f'MACs per output megapixel: {total_mac * 1e6 / 1e9:.2f} G ({total_mac:,.0f} per output pixel, '
                f'{total_mac * s * s:,.0f} per input pixel); counted with torch\'s FlopCounterMode on every Conv2d on '
                f'{lr_size}x{lr_size} and {2 * lr_size}x{2 * lr_size} inputs, per output pixel.')
-    out.append(f'Channel attention (1x1 convs on pooled features): {ca_per_image:,d} MACs per image, independent of '
+    out.append(f'Convs on pooled features (e.g. channel attention): {ca_per_image:,d} MACs per image, independent of '
                'its size; not in the per-pixel figures.')
     out.append(f'A {w}x{h} input (output {w * s}x{h * s}): {whole / 1e9:.1f} GMAC. Not counted: biases, activations, '
                'pixel shuffle, sigmoid, softmax and the weighted sum.')

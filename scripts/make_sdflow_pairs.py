@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import d2c_model  # noqa: F401  (registers SDFlow; applies the compat shim before basicsr)
 from d2c_data.unpaired_image_dataset import IMAGE_SUFFIXES
+from d2c_inference.checkpoint_util import load_model
 from d2c_inference.infer_util import select_device, select_precision
-from d2c_inference.sdflow_infer_util import load_sdflow
 from d2c_utils.errors import UserError
 from d2c_utils.output_util import atomic_write_bytes
 from d2c_utils.precision_util import autocast
@@ -156,7 +156,7 @@ def main(argv=None):
             raise UserError(f'--input {args.input} is not a folder')
         device = select_device(args.device)
         dtype = select_precision(args.precision, device, lambda m: print(f'{PROG}: warning: {m}', file=sys.stderr))
-        net, info = load_sdflow(args.model, args.opt, args.param_key, device)
+        net, info = load_model(args.model, args.opt, args.param_key, device)
         if not net.has_downscaler:
             raise UserError(f'{args.model} holds the SR path only (no lr_flow / deg_flow): it cannot downscale')
         for line in info['warnings']:

@@ -12,7 +12,6 @@ from basicsr.models import build_model
 from d2c_arch import D2CNet
 from d2c_deploy import spandrel_util
 from d2c_inference.checkpoint_util import existing_weights_file, load_checkpoint, load_model, save_checkpoint
-from d2c_inference.dan_infer_util import load_dan
 from d2c_tools import convert_dan
 from d2c_tools import infer as infer_tool
 from d2c_tools import summary as summary_tool
@@ -142,8 +141,8 @@ def test_converter_writes_safetensors_that_loads_like_its_pth(tmp_path, capsys):
     for name in ('dan.pth', 'dan.safetensors'):
         assert convert_dan.main([str(tmp_path / 'official.pth'), str(tmp_path / name)]) == 0
     capsys.readouterr()
-    pth, pth_info = load_dan(str(tmp_path / 'dan.pth'))
-    st, st_info = load_dan(str(tmp_path / 'dan.safetensors'))
+    pth, pth_info = load_model(str(tmp_path / 'dan.pth'))
+    st, st_info = load_model(str(tmp_path / 'dan.safetensors'))
     assert st_info['net_opt'] == pth_info['net_opt']
     assert all(torch.equal(st.state_dict()[k], v) for k, v in pth.state_dict().items())
     assert load_checkpoint(str(tmp_path / 'dan.safetensors'))['converted_from']['tool'] == 'd2c-convert-dan'
