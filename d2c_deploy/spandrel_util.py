@@ -27,6 +27,7 @@ The scale is never assumed: tails that do not carry it (``interpolate``; a one-s
 import warnings
 from collections.abc import Mapping
 
+from d2c_inference.registry import METHODS, method_named
 from d2c_utils.errors import UserError
 
 ARCH_ID = 'D2C-SR'
@@ -72,23 +73,14 @@ def unwrap_flat_checkpoint(state_dict):
 def is_d2c_state_dict(state_dict):
     """True if ``state_dict`` (spandrel's canonical form: unwrapped, ``module.`` removed) is D2CNet's.
 
-    Every key must belong to one of D2CNet's parts (head, tree, res_convs, tails, convergence),
-    and the head, the first tree node, the first leaf's residual conv and tail and the
-    convergence network must be there (a d2c-sr ``.safetensors`` file's ``params.`` prefixes are
-    removed first, see :func:`unwrap_flat_checkpoint`). Reads only the keys; never raises,
-    whatever the file held, because spandrel calls every architecture's ``detect`` on every model
-    it loads.
+    The registry's test (:meth:`d2c_inference.registry.D2CNetMethod.detect`): every key belongs to one
+    of D2CNet's parts (head, tree, res_convs, tails, convergence), and the head, the first tree node,
+    the first leaf's residual conv and tail and the convergence network are there (a d2c-sr
+    ``.safetensors`` file's ``params.`` prefixes are removed first, see :func:`unwrap_flat_checkpoint`).
+    Reads only the keys; never raises, whatever the file held, because spandrel calls every
+    architecture's ``detect`` on every model it loads.
     """
-    state_dict = unwrap_flat_checkpoint(state_dict)
-    if not isinstance(state_dict, Mapping) or not all(key in state_dict for key in D2C_REQUIRED_KEYS):
-        return False
-    has_node = has_tail = False
-    for key in state_dict:
-        if not isinstance(key, str) or key.split('.', 1)[0] not in D2C_PARTS:
-            return False
-        has_node = has_node or key.startswith('tree.0.0.')
-        has_tail = has_tail or key.startswith('tails.0.')
-    return has_node and has_tail
+    return method_named('D2CNet').detect(unwrap_flat_checkpoint(state_dict))
 
 
 def _spandrel():
@@ -277,8 +269,85 @@ def architecture():
     return _CACHE['architecture']
 
 
+def load_method_descriptor(architecture, method, state_dict):
+    """spandrel's ``Architecture.load`` for a registered method other than D2CNet (DAN, SDFlow).
+
+    The options are read from the weights (:meth:`~d2c_inference.registry.Method.options_from_weights`),
+    what they cannot tell is assumed and named in the tags (``assumed: loop=4``, ...); the weights are
+    loaded strictly after the one mismatch check. ``descriptor(image)``: an (N, C, H, W) image in
+    [0, 1] -> the network's forward pass (DAN: the SR image of its last iteration; SDFlow: one SR
+    sample at the checkpoint's temperature), clamped to [0, 1].
+    """
+    spandrel = _spandrel()
+    state_dict = unwrap_flat_checkpoint(state_dict)
+    fail = lambda message: load_error_class()(f'{method.name} checkpoint: {message}')  # noqa: E731
+    try:
+        options = method.options_from_weights(state_dict)
+        net = method.build(options, f'the {method.name} options read from its shapes')
+    except Exception as err:  # a damaged state dict can fail anywhere in the shape reading
+        raise fail(f'its weights cannot be read as {method.name} ({type(err).__name__}: {err}); the file is damaged '
+                   'or was written by another program.') from None
+    from d2c_inference.checkpoint_util import mismatch_message
+    problem = mismatch_message(
+        net, state_dict, options, f'the {method.name} options read from its shapes', 'the state dict',
+        'the file is incomplete or damaged (or was edited): save the weights again from the training run.')
+    if problem:
+        raise fail(problem)
+    net.load_state_dict(state_dict, strict=True)
+    try:
+        method.check_loaded(net, None, options, 'the state dict')
+    except UserError as err:
+        raise fail(str(err)) from None
+    channels = options.get('num_in_ch', 3)
+    descriptor = spandrel.ImageModelDescriptor(
+        net,
+        state_dict,
+        architecture=architecture,
+        purpose='SR',
+        tags=[f'{key}={value}' for key, value in options.items() if key in ('num_feat', 'kernel_size', 'code_length')] +
+        [f'assumed: {key}={value}' for key, value in method.assumed.items()],
+        supports_half=False,  # fp16's range is not checked for these networks; bfloat16 keeps fp32's
+        supports_bfloat16=True,
+        scale=net.upscale,
+        input_channels=channels,
+        output_channels=channels,
+        size_requirements=spandrel.SizeRequirements(multiple_of=getattr(net, 'size_multiple', 1)),
+        tiling=spandrel.ModelTiling.SUPPORTED)
+    return descriptor.eval()
+
+
+def method_architecture(method):
+    """The spandrel ``Architecture`` of a registered method other than D2CNet (id: the method's name)."""
+    key = f'architecture:{method.name}'
+    if key not in _CACHE:
+        spandrel = _spandrel()
+
+        class MethodArch(spandrel.Architecture):
+            """A d2c-sr method in spandrel: ``detect`` and ``load`` from its registry entry."""
+            __qualname__ = f'{method.name}Arch'
+
+            def __init__(self):
+                super().__init__(
+                    id=method.name,
+                    name=f'{method.name} (d2c-sr)',
+                    detect=lambda state: method.detect(unwrap_flat_checkpoint(state)))
+
+            def load(self, state_dict):
+                return load_method_descriptor(self, method, state_dict)
+
+        _CACHE[key] = MethodArch()
+    return _CACHE[key]
+
+
+def architectures():
+    """spandrel ``Architecture`` objects of every registered method, in the registry's order."""
+    return [architecture() if method.name == 'D2CNet' else method_architecture(method) for method in METHODS]
+
+
 def install(registry=None):
-    """Add D2CNet to spandrel's ``MAIN_REGISTRY`` (or ``registry``); a second call does nothing.
+    """Add every registered method (D2CNet, DAN, SDFlow) to spandrel's ``MAIN_REGISTRY`` (or ``registry``).
+
+    A second call does nothing.
 
     D2C-SR is detected before every architecture already in the registry. None of spandrel's
     (0.4.2) claims a D2CNet state dict, but ours is the stricter test (every key in one of
@@ -297,9 +366,9 @@ def install(registry=None):
     """
     spandrel = _spandrel()
     registry = spandrel.MAIN_REGISTRY if registry is None else registry
-    if ARCH_ID in registry:
-        return registry
-    arch = architecture()
-    before = tuple(support.architecture.id for support in registry)
-    registry.add(spandrel.ArchSupport(arch, arch.detect, before=before))
+    for arch in architectures():
+        if arch.id in registry:
+            continue
+        before = tuple(support.architecture.id for support in registry)
+        registry.add(spandrel.ArchSupport(arch, arch.detect, before=before))
     return registry

@@ -7,12 +7,15 @@ Results go to ``results/<name>`` under the current directory.
 """
 import sys
 
-import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
-from basicsr.test import test_pipeline
-from d2c_tools.pipeline_util import normalise_argv, run_pipeline, use_plugin_dist_init
+from d2c_tools.pipeline_args import answer_help_early
 
 
 def main(argv=None):
+    answer_help_early(list(sys.argv[1:] if argv is None else argv), 'd2c-test', __doc__)
+    import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
+    from basicsr.test import test_pipeline
+    from d2c_tools.pipeline_util import normalise_argv, run_pipeline, use_plugin_dist_init
+
     normalise_argv(argv, 'd2c-test')
     use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
     run_pipeline(test_pipeline, 'd2c-test')

@@ -8,13 +8,16 @@ Experiments, logs and checkpoints go to ``experiments/<name>`` under the current
 """
 import sys
 
-import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
-from basicsr import train as basicsr_train
-from d2c_tools.pipeline_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
-from d2c_utils.accumulate_util import use_accumulating_loader
+from d2c_tools.pipeline_args import answer_help_early
 
 
 def main(argv=None):
+    answer_help_early(list(sys.argv[1:] if argv is None else argv), 'd2c-train', __doc__)
+    import d2c_model  # noqa: F401  (registers D2CNet, the losses and D2CModel)
+    from basicsr import train as basicsr_train
+    from d2c_tools.pipeline_util import load_resume_state, normalise_argv, run_pipeline, use_plugin_dist_init
+    from d2c_utils.accumulate_util import use_accumulating_loader
+
     normalise_argv(argv, 'd2c-train')
     use_plugin_dist_init()  # gloo on CPU-only machines, nccl with CUDA
     # BasicSR's own resume needs a GPU; ours maps states onto the run's device

@@ -126,7 +126,10 @@ def test_d2c_infer_compile(tmp_path, monkeypatch, capsys):
     common = ['-i', str(tmp_path / 'lr.png'), '--model', str(tmp_path / 'm.pth'), '-q', '--precision', 'fp32']
     assert infer_tool.main(common + ['-o', str(tmp_path / 'eager'), '--backend', 'torch']) == 0
     # aot_eager instead of inductor: the same dynamo path in seconds
-    monkeypatch.setattr(infer_tool, 'compile_options', lambda value, key: {'backend': 'aot_eager', 'dynamic': False})
+    monkeypatch.setattr('d2c_utils.compile_util.compile_options', lambda value, key: {
+        'backend': 'aot_eager',
+        'dynamic': False
+    })
     assert infer_tool.main(common + ['-o', str(tmp_path / 'compiled'), '--compile']) == 0
     out = capsys.readouterr().out
     assert 'backend torch (auto: --compile runs PyTorch)' in out and 'torch.compile' in out
