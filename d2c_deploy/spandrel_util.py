@@ -328,7 +328,7 @@ def method_architecture(method):
 
             def __init__(self):
                 super().__init__(
-                    id=method.name,
+                    id=method.spandrel_id,
                     name=f'{method.name} (d2c-sr)',
                     detect=lambda state: method.detect(unwrap_flat_checkpoint(state)))
 
@@ -340,8 +340,13 @@ def method_architecture(method):
 
 
 def architectures():
-    """spandrel ``Architecture`` objects of every registered method, in the registry's order."""
-    return [architecture() if method.name == 'D2CNet' else method_architecture(method) for method in METHODS]
+    """spandrel ``Architecture`` objects of every registered method, in the registry's order.
+
+    D2CNet has its own (:func:`architecture`: its tags, scale checks and assumptions), the others the
+    one made from their registry entry (:func:`method_architecture`).
+    """
+    own = {ARCH_ID: architecture}
+    return [own[m.spandrel_id]() if m.spandrel_id in own else method_architecture(m) for m in METHODS]
 
 
 def install(registry=None):
@@ -366,9 +371,12 @@ def install(registry=None):
     """
     spandrel = _spandrel()
     registry = spandrel.MAIN_REGISTRY if registry is None else registry
-    for arch in architectures():
-        if arch.id in registry:
-            continue
-        before = tuple(support.architecture.id for support in registry)
-        registry.add(spandrel.ArchSupport(arch, arch.detect, before=before))
+    ours = architectures()
+    others = tuple(support.architecture.id for support in registry
+                   if support.architecture.id not in {arch.id
+                                                      for arch in ours})
+    for index, arch in enumerate(ours):  # before every other architecture; among ours the registry's order
+        if arch.id not in registry:
+            later = tuple(a.id for a in ours[index + 1:])
+            registry.add(spandrel.ArchSupport(arch, arch.detect, before=others + later))
     return registry

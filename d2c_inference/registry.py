@@ -45,6 +45,7 @@ class Method:
         deployable (bool): ``d2c-export`` writes it and ONNX Runtime / OpenVINO run it.
         compiles (bool): ``d2c-infer --compile`` runs it through ``torch.compile``.
         channels_last (bool): Its convolutions run in the channels_last layout (``--no-channels-last`` to not).
+        spandrel_id (str): Its ``Architecture`` id in spandrel (the method's name unless set).
     """
     name = ''
     summary = ''
@@ -59,15 +60,19 @@ class Method:
     compiles = False
     channels_last = True
 
+    @property
+    def spandrel_id(self):
+        return self.name
+
     # --- recognising and reading a checkpoint (keys and shapes only) ---
 
     def detect(self, state):
         """True if ``state`` (a state dict, ``module.`` removed) is this method's. Reads only the keys; never raises."""
         try:
-            keys = [key for key in state if isinstance(key, str)]
+            keys = list(state)
         except Exception:  # spandrel passes whatever a file held
             return False
-        if not keys or not all(key in state for key in self.required_keys):
+        if not keys or not all(isinstance(key, str) for key in keys) or not all(k in state for k in self.required_keys):
             return False
         return self.parts is None or all(key.split('.', 1)[0] in self.parts for key in keys)
 
@@ -160,6 +165,7 @@ class D2CNetMethod(Method):
     extra_outputs = ('branches', 'weights', 'grid', 'metrics')
     deployable = True
     compiles = True
+    spandrel_id = 'D2C-SR'  # the id chaiNNer and ComfyUI have known it by since d2c-sr first registered it
 
     @property
     def assumed(self):
@@ -170,7 +176,7 @@ class D2CNetMethod(Method):
     def detect(self, state):
         if not super().detect(state):
             return False
-        keys = [key for key in state if isinstance(key, str)]
+        keys = list(state)
         return any(k.startswith('tree.0.0.') for k in keys) and any(k.startswith('tails.0.') for k in keys)
 
     def read_options(self, state):

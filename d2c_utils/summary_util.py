@@ -52,8 +52,9 @@ def _conv_macs(net, lr_size):
         net.eval()
         device = next(net.parameters()).device
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            channels = next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
-            net(torch.rand(1, getattr(net, 'num_in_ch', channels), lr_size, lr_size, device=device))
+            # D2CNet's head tells its channels; DAN and SDFlow take RGB (SDFlow's first conv is inside a flow)
+            channels = net.head.in_channels if isinstance(getattr(net, 'head', None), nn.Conv2d) else 3
+            net(torch.rand(1, channels, lr_size, lr_size, device=device))
     finally:
         net.train(was_training)
     counts = counter.get_flop_counts()

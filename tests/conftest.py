@@ -232,3 +232,38 @@ def export_cache(tmp_path_factory):
         os.environ.pop('D2C_SR_CACHE', None)
     else:
         os.environ['D2C_SR_CACHE'] = previous
+
+
+def assert_checkpoint_loads_and_runs(model_path, reference, method, opt_path=None, lr_size=12, spandrel_too=True):
+    """The one check that a checkpoint of any method loads and runs correctly (shared by every method's tests).
+
+    Through the one loader (``load_model``; the registry names ``method``), the weights are
+    ``reference``'s exactly and a forward pass on a random (1, 3, lr_size, lr_size) input gives
+    ``reference``'s output exactly; through spandrel's ``ModelLoader`` too (where the weights alone
+    build the network), with the descriptor's scale. Returns ``load_model``'s info dict.
+    """
+    import torch
+
+    from d2c_inference.checkpoint_util import load_model
+    torch.manual_seed(0)
+    lq = torch.rand(1, 3, lr_size, lr_size)
+    net, info = load_model(model_path, opt_path)
+    assert info['method'].name == method and type(net).__name__ == type(reference).__name__
+    expected = reference.state_dict()
+    assert set(net.state_dict()) == set(expected)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in expected.items())
+    reference = reference.eval()
+
+    def run(module):
+        torch.manual_seed(1)  # SDFlow samples: the same noise for both
+        with torch.no_grad():
+            return module(lq)
+
+    assert torch.equal(run(net), run(reference))
+    if spandrel_too:
+        spandrel = pytest.importorskip('spandrel')
+        descriptor = spandrel.ModelLoader().load_from_file(model_path)
+        assert descriptor.architecture.id == ('D2C-SR' if method == 'D2CNet' else method)
+        assert descriptor.scale == reference.upscale
+        assert torch.equal(run(descriptor.model), run(reference))
+    return info
