@@ -205,7 +205,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, model, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(infer, 'process_image', interrupted)
+    monkeypatch.setattr('d2c_inference.registry.Method.process_image', interrupted)
     assert run_infer('-i', src, '-o', tmp_path / 'out', *model) == 130
     err = capsys.readouterr().err
     assert 'd2c-infer: interrupted (Ctrl-C)' in err and 'Traceback' not in err
