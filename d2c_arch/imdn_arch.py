@@ -107,6 +107,7 @@ class IMDN(nn.Module):
         super().__init__()
         if num_feat % 4:
             raise ValueError(f'IMDN: num_feat={num_feat} must be divisible by 4 (a quarter is distilled per step).')
+        self.upscale = upscale  # what inference and the summary read (D2CNet, DAN and SDFlow have it too)
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
         self.body = DistillationFusion(num_feat, num_block)
         self.upsample = UpsampleOneStep(upscale, num_feat, num_out_ch)

@@ -87,6 +87,7 @@ class RDN(nn.Module):
                  **unknown):
         reject_unknown_options(type(self), unknown)
         super().__init__()
+        self.upscale = upscale  # what inference and the summary read (D2CNet, DAN and SDFlow have it too)
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
         self.conv_second = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.body = GlobalFeatureFusion(num_feat, num_grow_ch, num_layer, num_block)

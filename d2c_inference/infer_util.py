@@ -203,6 +203,23 @@ def write_grid(path, lq, branches, weights, sr, scale, max_side):
     write_image(path, labelled_grid(rows, labels))
 
 
+class SingleOutputNetwork(torch.nn.Module):
+    """A plain SR network (one output) behind D2CNet's call, which the tiling code makes.
+
+    Shapes: lq (N, C, h, w) in [0, 1] -> SR (N, C', sh, sw); ``upscale`` is the network's.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.upscale = net.upscale
+
+    def forward(self, lq, return_branches=False):
+        if return_branches:
+            raise UserError(f'{type(self.net).__name__} has no branches or weight maps')
+        return self.net(lq)
+
+
 def process_image(path, net, options, device, forward, prog='d2c-infer', per_image=None):
     """Super-resolve one file and write its outputs.
 

@@ -284,8 +284,41 @@ class SDFlowMethod(Method):
         return sdflow_graphs(net)
 
 
-# detection order: the strictest test first (D2CNet's: every key in one of its parts)
-METHODS = (D2CNetMethod(), DANMethod(), SDFlowMethod())
+class PlainSRMethod(Method):
+    """A single-output SR network of the paper's Table 3 that BasicSR lacks (VDSR, RDN, IMDN), run as it is.
+
+    Recognised by ``network_g.type`` only: their weights are plain conv stacks that other networks share
+    (VDSR's are only ``body.*``), and they do not tell the scale (VDSR interpolates first; RDN's and
+    IMDN's upsamplers are the same at several scales), so ``--opt`` is always required.
+    """
+    runs_without_options = False
+    refused = (SDFLOW_ONLY, (('save_branches', 'save_weights'),
+                             'it has no branches or weight maps: drop --save-branches / --save-weights'))
+    extra_outputs = ('metrics', )
+
+    def __init__(self, name, summary):
+        self.name, self.summary = name, summary
+
+    def detect(self, state):
+        return False
+
+    def read_options(self, state):
+        raise ValueError(f'the weights of a {self.name} do not tell its options (scale included); pass --opt '
+                         '<the training option file>')
+
+    def prepare(self, net, args, warn):
+        from .infer_util import SingleOutputNetwork
+        return SingleOutputNetwork(super().prepare(net, args, warn))
+
+    def process_image(self, path, net, options, device, forward, prog):
+        from .infer_util import process_image
+        return process_image(path, net, options, device, forward, prog, per_image=lambda net, *unused: (net, None))
+
+
+# detection order: the strictest test first (D2CNet's: every key in one of its parts); the Table 3 originals
+# are known by their option files' type only
+METHODS = (D2CNetMethod(), DANMethod(), SDFlowMethod(), PlainSRMethod('VDSR', 'VDSR (Table 3 original)'),
+           PlainSRMethod('RDN', 'RDN (Table 3 original)'), PlainSRMethod('IMDN', 'IMDN (Table 3 original)'))
 
 
 def method_named(name, source=None):

@@ -137,3 +137,39 @@ def test_no_method_names_are_branched_on_outside_the_registry():
 def test_d2cnet_of_any_depth_is_recognised():
     net, _ = make_net(tree_depth=1, tree_width=3)
     assert registry.detect_method(net.state_dict()).name == 'D2CNet'
+
+
+@pytest.mark.parametrize('arch, options',
+                         [('RDN', dict(num_feat=8, num_block=1, num_layer=2, num_grow_ch=4, upscale=2)),
+                          ('IMDN', dict(num_feat=8, num_block=1, upscale=3)),
+                          ('VDSR', dict(num_feat=8, num_block=2, upscale=2))])
+def test_table3_originals_run_in_d2c_infer_with_their_option_file(tmp_path, arch, options, capsys):
+    import cv2
+    import numpy as np
+
+    from basicsr.utils.registry import ARCH_REGISTRY
+    torch.manual_seed(0)
+    net = ARCH_REGISTRY.get(arch)(**options).eval()
+    pth, yml = tmp_path / 'net.pth', tmp_path / 'net.yml'
+    torch.save({'params': net.state_dict()}, pth)
+    yml.write_text(yaml.safe_dump({'network_g': dict(options, type=arch)}))
+    with pytest.raises(UserError, match='--opt is required'):  # the weights do not tell the scale
+        load_model(str(pth))
+    (tmp_path / 'lr').mkdir()
+    (tmp_path / 'hr').mkdir()
+    lr = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / 'lr' / 'a.png'), lr)
+    scale = options['upscale']
+    cv2.imwrite(str(tmp_path / 'hr' / 'a.png'), cv2.resize(lr, (12 * scale, 10 * scale)))
+    argv = ['-i', str(tmp_path / 'lr'), '-o', str(tmp_path / 'out'), '--model', str(pth), '--opt', str(yml)]
+    assert infer_tool.main(argv + ['--backend', 'torch', '--precision', 'fp32', '--reference',
+                                   str(tmp_path / 'hr')]) == 0
+    out = cv2.imread(str(tmp_path / 'out' / 'a_out.png'))
+    with torch.no_grad():
+        expected = net(torch.from_numpy(lr[..., ::-1].transpose(2, 0, 1) / 255.).float()[None])
+    expected = (expected[0].clamp(0, 1).numpy().transpose(1, 2, 0)[..., ::-1] * 255.).round()
+    assert out.shape == (10 * scale, 12 * scale, 3) and np.abs(out - expected).max() <= 1
+    assert f'{arch} x{scale}' in capsys.readouterr().out
+    assert infer_tool.main(argv + ['-o', str(tmp_path / 'x'), '--save-branches']) == 2
+    assert summary_tool.main(['--opt', str(yml), '--count-size', '8']) == 0
+    assert capsys.readouterr().out.startswith(f'{arch} from {yml}')
