@@ -20,7 +20,7 @@ The rows:
   input that fits.
 
 On a machine without CUDA the CUDA rows are marked skipped and the CPU rows still run (about a
-minute on 2 cores), so the check stays working between GPU sessions (tests/test_gpu_check.py).
+minute on 2 cores), so the check stays working between GPU sessions (tests/test_scripts/test_gpu_check.py).
 It installs nothing. A fresh GPU machine needs the README's two set-up commands and, for the ONNX
 Runtime CUDA row, one more: ``.venv/bin/pip install onnxruntime-gpu`` (docs/development.md).
 Exit status: 0 every step passed or was skipped; 1 some step failed; 2 usage errors.

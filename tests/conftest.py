@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny paired data sets and option dictionaries made on the fly."""
+"""Shared fixtures: tiny paired data sets and option dictionaries made on the fly.
+
+The tests mirror the packages (``tests/test_arch`` for ``d2c_arch``, ...), as BasicSR's mirror
+``basicsr/``. Test modules reuse each other's tiny-network builders (``from test_dan import
+tiny_dan``), so every test folder is put on ``sys.path`` here; module names are unique across folders.
+"""
 import os
 import sys
 
@@ -9,7 +14,11 @@ import yaml
 
 import d2c_model  # noqa: F401  (registers everything, applies the compat shim)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+for _folder in sorted(os.listdir(TESTS_DIR)):
+    if _folder.startswith('test_') and os.path.isdir(os.path.join(TESTS_DIR, _folder)):
+        sys.path.insert(0, os.path.join(TESTS_DIR, _folder))
 
 
 def make_pairs(root, num=4, hr_size=32, scale=4, seed=0):
@@ -154,7 +163,7 @@ def run_two_ranks(cwd, yml, **env):
     os.makedirs(dump)
     result = subprocess.run([
         sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-        os.path.join(REPO_ROOT, 'tests', 'dist_worker.py'), dump, '-opt', yml, '--launcher', 'pytorch'
+        os.path.join(TESTS_DIR, 'dist_worker.py'), dump, '-opt', yml, '--launcher', 'pytorch'
     ],
                             cwd=str(cwd),
                             env=dict(os.environ, OMP_NUM_THREADS='1', **env),

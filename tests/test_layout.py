@@ -68,6 +68,19 @@ def test_no_cycles_between_packages():
             assert package not in graph[target], f'{package} and {target} import each other'
 
 
+def test_tests_mirror_the_packages():
+    """tests/test_<role>/ for every package d2c_<role>/ (BasicSR mirrors basicsr/ in tests/ the same way)."""
+    tests = os.path.join(ROOT, 'tests')
+    folders = {
+        name
+        for name in os.listdir(tests) if name.startswith('test_') and os.path.isdir(os.path.join(tests, name))
+    }
+    assert {f'test_{package[4:]}' for package in ALLOWED} <= folders
+    names = [name for folder in folders for name in os.listdir(os.path.join(tests, folder)) if name.endswith('.py')]
+    assert len(names) == len(
+        set(names)), 'test module names must be unique across tests/* (conftest puts all on sys.path)'
+
+
 def test_training_never_imports_deployment():
     """Importing the models (what d2c-train runs) loads nothing of d2c_deploy, not even indirectly."""
     code = ('import sys, d2c_model, d2c_tools.pipeline_util\n'

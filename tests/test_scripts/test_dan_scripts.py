@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT
 
 from basicsr.data.degradations import mesh_grid
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.registry import ARCH_REGISTRY
 from d2c_data.degradations import GAUSSIAN8_SIGMAS, degrade, isotropic_kernel
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO_ROOT, 'scripts'))
 import make_blur_testset  # noqa: E402
 import make_dan_pca  # noqa: E402

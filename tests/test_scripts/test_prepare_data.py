@@ -18,8 +18,8 @@ import textwrap
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SCRIPT = osp.join(REPO_ROOT, 'scripts', 'prepare_data.py')
 sys.path.insert(0, osp.join(REPO_ROOT, 'scripts'))
 import prepare_data  # noqa: E402

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, read_log, run_train, write_yaml
+from conftest import REPO_ROOT, TESTS_DIR, make_pairs, read_log, run_train, write_yaml
 
 from d2c_arch import SDFlow, infer_sdflow_options
 from d2c_arch import flow_util as fu
@@ -574,7 +574,7 @@ def test_sdflow_trains_distributed_on_cpu(tmp_path, unpaired_data):
     result = subprocess.run([
         sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
         str(opt['dist_params']['port']),
-        os.path.join(os.path.dirname(__file__), 'dist_worker.py'),
+        os.path.join(TESTS_DIR, 'dist_worker.py'),
         str(dump), '-opt', yml, '--launcher', 'pytorch'
     ],
                             cwd=str(tmp_path),
@@ -656,7 +656,7 @@ def test_d2c_infer_writes_samples_mean_and_spread_and_downscales(tmp_path, tiny_
 def test_make_sdflow_pairs_writes_folders_and_lmdb_all_or_nothing(tmp_path, tiny_checkpoint):
     net, pth = tiny_checkpoint
     hr_dir, _ = make_pairs(str(tmp_path / 'data'), num=2, hr_size=36)  # 36: mod-cropped as is, padded inside
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'make_sdflow_pairs.py')
+    script = os.path.join(REPO_ROOT, 'scripts', 'make_sdflow_pairs.py')
     out = tmp_path / 'pairs'
 
     def run(*args):
@@ -710,7 +710,7 @@ def test_sdflow_option_files_build():
     from basicsr.archs import build_network
     from basicsr.losses import build_loss
     from basicsr.utils.registry import MODEL_REGISTRY
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'options', 'sdflow', '*.yml')))
+    files = sorted(glob.glob(os.path.join(REPO_ROOT, 'options', 'sdflow', '*.yml')))
     assert len(files) == 2
     for path in files:
         with open(path) as f:
