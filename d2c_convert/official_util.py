@@ -68,7 +68,7 @@ from d2c_convert.convert_util import (
     write_converted,
 )
 from d2c_utils.errors import UserError
-from d2c_utils.option_check import dump_option_yaml
+from d2c_utils.option_check import dump_option_yaml, read_option_file
 
 PROG = 'd2c-convert-official'
 SECTIONS = ('state_dict_D', 'state_dict_C')
@@ -589,13 +589,9 @@ def _layout_text(layout):
 # ----------------------------------------------------------------------------------------------
 def _test_options_from_template(template, net_opt, weights_path, channel_order):
     """A template test option file with network_g, the weights and the name replaced."""
-    import yaml
-
-    from basicsr.utils.options import ordered_yaml
     if not os.path.isfile(template):
         raise UserError(f'{template}: no such option file (pass e.g. options/test_D2C_RealSR_x4.yml)')
-    with open(template) as f:
-        opt = yaml.load(f, Loader=ordered_yaml()[0])
+    opt = read_option_file(template, flag='--template', check=False)  # key order kept: dicts keep insertion order
     if not isinstance(opt, Mapping) or 'network_g' not in opt:
         raise UserError(f'{template}: not a BasicSR option file (no network_g)')
     if opt.get('scale') != net_opt['upscale']:
