@@ -1,5 +1,7 @@
 """Conversion of other people's formats into d2c-sr's.
 
+* :mod:`.convert_util`: the pipeline the three converters below share (safe reading, the check of
+  the mapped keys, strict load, writing the checkpoint and option file with provenance, the report).
 * :mod:`.official_util`: the D2C-SR authors' MegEngine checkpoints (``d2c-convert-official``).
 * :mod:`.dan_convert_util`: the official DANv2 checkpoints (``d2c-convert-dan``).
 * :mod:`.sdflow_convert_util`: the official SDFlow checkpoints (``d2c-convert-sdflow``).

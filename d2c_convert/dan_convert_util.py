@@ -32,25 +32,32 @@ Refused, with what was found: files that are not DANv2 checkpoints (D2CNet check
 converted ones, anything else), DANv1 checkpoints (not supported yet), x1 checkpoints, PCA
 matrices of the wrong shape, NaN / inf weights.
 """
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 
-from d2c_arch import bare_key, infer_dan_options
-from d2c_inference.checkpoint_util import load_checkpoint, save_checkpoint, test_option_dict
+from d2c_arch import infer_dan_options
+from d2c_convert.convert_util import (
+    check_mapping,
+    check_outputs,
+    load_strictly,
+    options_lines,
+    read_state_dict,
+    short_list,
+    source_record,
+    target_shapes,
+    write_converted,
+)
+from d2c_inference.checkpoint_util import load_checkpoint, test_option_dict
 from d2c_utils.errors import UserError
 from d2c_utils.option_check import dump_option_yaml
-from d2c_utils.output_util import atomic_write_text, check_distinct, file_sha256
 
 PROG = 'd2c-convert-dan'
 DEFAULT_LOOP = 4  # every official option file (the class default, 8, is never used)
 GROUP_SKIP = 'double'  # the official DPCG's in-place list update doubles the chain output
-WRAPPER_KEYS = ('params_ema', 'params', 'state_dict')  # looked for, in this order, around the state dict
 BUFFERS = ('encoder', 'init_kernel', 'init_ker_map')  # official buffers; consumed, not mapped
-MAX_LISTED = 8  # keys listed in one error line before "... and N more"
 DELTA_ATOL = 1e-6  # the file stores float32; vec(delta) P is one row of P, so it matches to rounding
 REPO_URL = 'https://github.com/greatlog/DAN'
 # the PCA files of the official repository (pca_matrix/DANv2/), by shape, for hints
@@ -86,42 +93,10 @@ UPSCALE_TABLES = {
     (0, 2): dict(zip((0, 2), ('restorer.upsample.0', 'restorer.conv_last'))),
 }
 
-
-def _short_list(items, limit=MAX_LISTED):
-    items = list(items)
-    shown = ', '.join(items[:limit])
-    if len(items) > limit:
-        shown += f', ... and {len(items) - limit} more'
-    return shown
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading and recognising the file
 # ----------------------------------------------------------------------------------------------
-def unwrap_state_dict(obj, path):
-    """The official state dict inside what ``torch.load`` returned.
-
-    Args:
-        obj: A bare state dict, or one wrapped in ``{'params_ema' | 'params' | 'state_dict': ...}``.
-        path (str): The file, for messages.
-
-    Returns:
-        tuple[OrderedDict, str | None]: ``{key: Tensor}`` with ``module.`` prefixes removed
-        (DataParallel / DDP), and the wrapper key used (None for a bare state dict).
-    """
-    if not isinstance(obj, Mapping):
-        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; expected the official DANv2 '
-                        f'checkpoint (a dict of tensors saved by {REPO_URL})')
-    wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    state = obj if wrapper is None else obj[wrapper]
-    if not state:
-        raise UserError(f'{path}: the state dict' + (f' [{wrapper}]' if wrapper else '') + ' is empty')
-    not_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
-    if not_tensors:
-        raise UserError(f'{path}: not a state dict of tensors: {_short_list(repr(k) for k in not_tensors)} '
-                        f'(top-level keys: {_short_list(repr(str(k)) for k in obj)}); pass the official DANv2 '
-                        'checkpoint (e.g. danv2_x4_setting1.pth), not a training state')
-    return OrderedDict((bare_key(str(k)), v) for k, v in state.items()), wrapper
+EXPECTS = f'expected the official DANv2 checkpoint (a dict of tensors saved by {REPO_URL}, e.g. danv2_x4_setting1.pth)'
 
 
 def check_is_danv2(state, path):
@@ -148,7 +123,7 @@ def check_is_danv2(state, path):
         raise UserError(f'{path}: a D2CNet checkpoint (head, tree, tails), not DAN; this tool converts the '
                         f'official DANv2 checkpoints of {REPO_URL}')
     raise UserError(f'{path}: not a DANv2 checkpoint: found {len(keys)} keys such as '
-                    f'{_short_list(keys, 4)}; expected Restorer.head1.weight, Estimator.head_LR.0.weight, ... '
+                    f'{short_list(keys, 4)}; expected Restorer.head1.weight, Estimator.head_LR.0.weight, ... '
                     f'as saved by {REPO_URL} (codes/config/DANv2)')
 
 
@@ -180,14 +155,6 @@ def dan_key(key, table):
     if match and int(match[1]) in table:
         return f'{table[int(match[1])]}.{match[2]}'
     return None
-
-
-def _target_shapes(net_opt):
-    """DAN's state-dict keys and shapes, from a network built on the meta device (no memory)."""
-    from d2c_arch.dan_arch import DAN
-    with torch.device('meta'):
-        net = DAN(**{k: v for k, v in net_opt.items() if k != 'type'})
-    return OrderedDict((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
 def _pca_hint(shape, prefix=' (', suffix=')'):
@@ -252,7 +219,8 @@ def convert_state_dict(state, pca=None, loop=DEFAULT_LOOP, path='checkpoint', pc
     """An official DANv2 state dict -> a DAN state dict and its ``network_g`` options.
 
     Args:
-        state (dict[str, Tensor]): Official keys, ``module.`` already removed (:func:`unwrap_state_dict`).
+        state (dict[str, Tensor]): Official keys, ``module.`` already removed
+            (:func:`d2c_convert.convert_util.unwrap_state_dict`).
         pca (Tensor | None): P (l*l, t) given separately (``--pca``), for checkpoints without ``encoder``.
             If the checkpoint has ``encoder``, they must agree.
         loop (int): Iterations T for ``network_g``.
@@ -272,7 +240,7 @@ def convert_state_dict(state, pca=None, loop=DEFAULT_LOOP, path='checkpoint', pc
     check_is_danv2(state, path)
     table = upscale_table(state)
 
-    converted, leftover, mapped_from = OrderedDict(), [], {}
+    converted, leftover, origins = OrderedDict(), [], {}
     for key, value in state.items():
         if key in BUFFERS:
             continue
@@ -280,10 +248,9 @@ def convert_state_dict(state, pca=None, loop=DEFAULT_LOOP, path='checkpoint', pc
         if target is None:
             leftover.append(key)
             continue
-        converted[target] = value
-        mapped_from[target] = key
+        converted[target], origins[target] = value, (None, key)
     if leftover:
-        raise UserError(f'{path}: {len(leftover)} key(s) match no DANv2 module: {_short_list(leftover)}; the file is '
+        raise UserError(f'{path}: {len(leftover)} key(s) match no DANv2 module: {short_list(leftover)}; the file is '
                         'not a checkpoint of the released DANv2 code (or a modified one)')
     try:
         options = infer_dan_options(converted)
@@ -324,28 +291,10 @@ def convert_state_dict(state, pca=None, loop=DEFAULT_LOOP, path='checkpoint', pc
                             f'(kernel_size**2, code_length) = {want}{_pca_hint(want, ", e.g. ", "")}')
         matrix, source = pca.float().contiguous(), 'given'
     converted['pca_matrix'] = matrix
+    origins['pca_matrix'] = (None, 'encoder' if source == 'encoder' else f'--pca {given_name}')
 
-    targets = _target_shapes(net_opt)
-    missing = [k for k in targets if k not in converted]
-    unexpected = [f'{mapped_from.get(k, k)} (-> {k})' for k in converted if k not in targets]
-    resized = [
-        f'{mapped_from.get(k, k)} {tuple(converted[k].shape)} vs DAN {k} {shape}' for k, shape in targets.items()
-        if k in converted and tuple(converted[k].shape) != shape
-    ]
-    errors = []
-    if unexpected:
-        errors.append(f'{len(unexpected)} key(s) beyond the layout read from the shapes: {_short_list(unexpected)}')
-    if missing:
-        errors.append(f'{len(missing)} DAN parameter(s) not in the checkpoint: {_short_list(missing)}')
-    if resized:
-        errors.append(f'{len(resized)} shape mismatch(es): {_short_list(resized)}')
-    if errors:
-        raise UserError(f'{path}: ' + '; '.join(errors) + f' (layout read from the file: {layout_text(net_opt)})')
-    broken = [mapped_from.get(k, k) for k, v in converted.items() if v.is_floating_point() and not v.isfinite().all()]
-    if broken:
-        raise UserError(f'{path}: {len(broken)} tensor(s) hold NaN or inf values: {_short_list(broken)}; the '
-                        'checkpoint is damaged (or was saved after training diverged)')
-
+    targets = target_shapes(net_opt)
+    check_mapping(converted, targets, origins, 'DAN', layout_text(net_opt), path=path)
     state_dict = OrderedDict((k, converted[k].detach().to(torch.float32).contiguous()) for k in targets)
     notes = {
         'pca': source,
@@ -413,13 +362,8 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
     Returns:
         list[str]: lines to print for the user.
     """
-    check_distinct({'OUT.pth': output, '--opt-out': opt_out}, {'OFFICIAL.pth': checkpoint, '--pca': pca})
-    for path in filter(None, (output, opt_out)):
-        if os.path.exists(path) and not force:
-            raise UserError(f'{path} exists; pass --force to overwrite it')
-
-    obj = load_checkpoint(checkpoint, 'OFFICIAL.pth (the official DANv2 checkpoint)')
-    state, wrapper = unwrap_state_dict(obj, checkpoint)
+    check_outputs({'OUT.pth': output, '--opt-out': opt_out}, {'OFFICIAL.pth': checkpoint, '--pca': pca}, force)
+    state, wrapper = read_state_dict(checkpoint, 'OFFICIAL.pth (the official DANv2 checkpoint)', EXPECTS)
     matrix = None
     if pca is not None:
         # the sizes to check against come from the weights; read them first so the message can name them
@@ -429,11 +373,7 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
                                 options['code_length'], 'encoder' in state)
     state_dict, net_opt, notes = convert_state_dict(state, matrix, loop, checkpoint, pca)
 
-    # a real strict load into the network the options describe, as path.pretrain_network_g will do
-    from d2c_arch.dan_arch import DAN
-    net = DAN(**{k: v for k, v in net_opt.items() if k != 'type'})
-    net.load_state_dict(state_dict, strict=True)
-    num_params = sum(v.numel() for k, v in state_dict.items() if k != 'pca_matrix')
+    num_params = sum(p.numel() for p in load_strictly(net_opt, state_dict).parameters())
 
     lines = [f'read {checkpoint}: {len(state)} tensors' + (f' (under {wrapper!r})' if wrapper else '')]
     lines.append(f'layout: {layout_text(net_opt)}; loop {loop} (not in the weights), group_skip {GROUP_SKIP!r} '
@@ -445,31 +385,19 @@ def convert_checkpoint_file(checkpoint, output, pca=None, opt_out=None, loop=DEF
                      f'buffer; missing: {", ".join(notes["missing_buffers"])})')
     lines.extend(f'warning: {w}' for w in notes['warnings'])
 
-    snippet = dump_option_yaml({'network_g': OrderedDict(net_opt)})
     opt_text = option_file_text(net_opt, output) if opt_out else None
-    result = {
-        'params': state_dict,
-        'network_g': dict(net_opt),
-        # provenance; plain types only, so torch.load(weights_only=True) reads it
-        'converted_from': {
-            'file': os.path.basename(checkpoint),
-            'sha256': file_sha256(checkpoint),
-            'format': 'official DANv2 state dict' + (f' under {wrapper!r}' if wrapper else ''),
-            'pca': 'encoder' if notes['pca'] == 'encoder' else os.path.basename(pca),
-            'pca_sha256': None if pca is None else file_sha256(pca),
-            'warnings': list(notes['warnings']),
-            'network_g': dict(net_opt),
-            'tool': PROG,
-        },
-    }
-    save_checkpoint(result, output)  # .safetensors by the output's name, else torch.save
-    lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
+    pca_record = source_record(pca) if pca is not None else {'file': 'encoder', 'sha256': None}
+    converted_from = dict(
+        source_record(checkpoint),
+        format='official DANv2 state dict' + (f' under {wrapper!r}' if wrapper else ''),
+        pca='encoder' if notes['pca'] == 'encoder' else pca_record['file'],
+        pca_sha256=pca_record['sha256'],
+        warnings=list(notes['warnings']),
+        tool=PROG)
+    lines += write_converted(output, state_dict, net_opt, converted_from, num_params, opt_out, opt_text)
     if opt_out:
-        atomic_write_text(opt_out, opt_text)
         lines.append(f'wrote {opt_out} (a test option file; its data set is a placeholder)')
-    lines.append('the converted weights need these options:')
-    lines.append(snippet.rstrip('\n'))
-    return lines
+    return lines + options_lines(net_opt)
 
 
 def _options_for_pca(state, path):

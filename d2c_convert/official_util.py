@@ -56,10 +56,19 @@ import numpy as np
 
 from d2c_arch import default_options
 from d2c_arch.upsample_util import upsampler_scale
-from d2c_inference.checkpoint_util import save_checkpoint
+from d2c_convert.convert_util import (
+    check_mapping,
+    check_outputs,
+    load_strictly,
+    options_lines,
+    options_snippet,
+    short_list,
+    source_record,
+    target_shapes,
+    write_converted,
+)
 from d2c_utils.errors import UserError
-from d2c_utils.option_check import dump_option_yaml
-from d2c_utils.output_util import atomic_write_text, check_distinct, file_sha256
+from d2c_utils.option_check import dump_option_yaml, read_option_file
 
 PROG = 'd2c-convert-official'
 SECTIONS = ('state_dict_D', 'state_dict_C')
@@ -69,7 +78,6 @@ MEAN_SHIFT_KEYS = ('sub_mean.weight', 'sub_mean.bias', 'add_mean.weight', 'add_m
 CHANNEL_ORDERS = ('rgb', 'bgr')
 MEAN_ATOL = 1e-6  # the file stores float32; the authors' constants survive that to ~3e-8
 TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # first pickle of a pre-1.6 ``torch.save`` file
-MAX_LISTED = 24  # keys listed in one error line before "... and N more"
 
 # The only globals a pickle of (Ordered)dicts of numpy arrays and numpy scalars refers to.
 # numpy >= 2 writes ``numpy._core.*``, numpy 1.x (the authors' MegEngine era) ``numpy.core.*``;
@@ -142,14 +150,6 @@ class SafeUnpickler(pickle.Unpickler):
                                 '(torch.save writes those for its storages)')
 
 
-def _short_list(keys):
-    keys = list(keys)
-    shown = ', '.join(keys[:MAX_LISTED])
-    if len(keys) > MAX_LISTED:
-        shown += f', ... and {len(keys) - MAX_LISTED} more'
-    return shown
-
-
 def load_official(path):
     """Read the authors' checkpoint safely.
 
@@ -207,7 +207,7 @@ def split_checkpoint(obj, path='checkpoint'):
         else:
             hint = ''
         raise UserError(f'{path}: missing {", ".join(repr(m) for m in missing)} at the top level; found '
-                        f'{_short_list(repr(k) for k in obj)}{hint}')
+                        f'{short_list(repr(k) for k in obj)}{hint}')
     sections = []
     for name in SECTIONS:
         section = obj[name]
@@ -456,17 +456,6 @@ def official_network_options(layout, rgb_mean):
     ])
 
 
-def _target_shapes(net_opt):
-    """D2CNet's state-dict keys and shapes, from a network built on the meta device (no memory)."""
-    import torch
-
-    from basicsr.utils.registry import ARCH_REGISTRY
-    kwargs = {k: v for k, v in net_opt.items() if k != 'type'}
-    with torch.device('meta'):  # shapes only: no memory, no initialisation
-        net = ARCH_REGISTRY.get(net_opt['type'])(**kwargs)
-    return OrderedDict((k, tuple(v.shape)) for k, v in net.state_dict().items())
-
-
 def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=True, scale=None):
     """The authors' two state dicts -> a D2CNet state dict and its ``network_g`` options.
 
@@ -509,37 +498,30 @@ def convert_state_dicts(sd_d, sd_c, channel_order='rgb', fold=True, scale=None):
                         'without --strict-mean-shift to fold them exactly into the head and output convs')
     rgb_mean = tuple(reversed(file_mean)) if channel_order == 'rgb' else tuple(file_mean)
     net_opt = official_network_options(layout, rgb_mean)
-    targets = _target_shapes(net_opt)
+    targets = target_shapes(net_opt)
     sources = {'state_dict_D': sd_d, 'state_dict_C': sd_c}
 
-    converted, missing, mismatched, used = OrderedDict(), [], [], set()
+    # the table maps D2CNet's keys to the authors' (one way for both directions), so the walk is over D2CNet's
+    converted, origins = OrderedDict(), {}
     for key, shape in targets.items():
-        section, src_key = official_key(key, layout['num_block'])
-        if src_key not in sources[section]:
-            missing.append(f'{section}[{src_key}] (for {key})')
-            continue
-        used.add((section, src_key))
-        value = sources[section][src_key]
-        if len(shape) == 1 and value.shape in ((1, shape[0], 1, 1), (shape[0], )):
-            value = value.reshape(shape)  # MegEngine bias (1, C, 1, 1) -> (C,)
-        if tuple(value.shape) != shape:
-            mismatched.append(f'{section}[{src_key}] {tuple(value.shape)} vs D2CNet {key} {shape}')
-            continue
-        converted[key] = value
-    leftover = [f'{section}[{k}]' for section, sd in sources.items() for k in sd if (section, k) not in used]
-    errors = []
-    if leftover:
-        errors.append(f'{len(leftover)} checkpoint key(s) match no D2CNet parameter: {_short_list(leftover)}')
-    if missing:
-        errors.append(f'{len(missing)} D2CNet parameter(s) not in the checkpoint: {_short_list(missing)}')
-    if mismatched:
-        errors.append(f'{len(mismatched)} shape mismatch(es): {_short_list(mismatched)}')
-    if errors:
-        raise UserError('; '.join(errors) + f' (layout read from the file: {_layout_text(layout)})')
-    broken = [f'{official_key(k, layout["num_block"])[1]}' for k, v in converted.items() if not np.isfinite(v).all()]
-    if broken:
-        raise UserError(f'{len(broken)} array(s) hold NaN or inf values: {_short_list(broken)}; the checkpoint '
-                        'is damaged (or was saved after training diverged)')
+        origins[key] = official_key(key, layout['num_block'])
+        section, src_key = origins[key]
+        if src_key in sources[section]:
+            value = sources[section][src_key]
+            if len(shape) == 1 and value.shape in ((1, shape[0], 1, 1), (shape[0], )):
+                value = value.reshape(shape)  # MegEngine bias (1, C, 1, 1) -> (C,)
+            converted[key] = value
+    used = {origins[k] for k in converted}
+    leftover = [(section, k) for section, sd in sources.items() for k in sd if (section, k) not in used]
+    check_mapping(
+        converted,
+        targets,
+        origins,
+        'D2CNet',
+        _layout_text(layout),
+        leftover=leftover,
+        describe_missing=lambda k: f'{origins[k][0]}[{origins[k][1]}] (for {k})',
+        sections=True)
 
     if channel_order == 'rgb':
         converted = _swap_rb(converted, num_branch=4)
@@ -607,13 +589,9 @@ def _layout_text(layout):
 # ----------------------------------------------------------------------------------------------
 def _test_options_from_template(template, net_opt, weights_path, channel_order):
     """A template test option file with network_g, the weights and the name replaced."""
-    import yaml
-
-    from basicsr.utils.options import ordered_yaml
     if not os.path.isfile(template):
         raise UserError(f'{template}: no such option file (pass e.g. options/test_D2C_RealSR_x4.yml)')
-    with open(template) as f:
-        opt = yaml.load(f, Loader=ordered_yaml()[0])
+    opt = read_option_file(template, flag='--template', check=False)  # key order kept: dicts keep insertion order
     if not isinstance(opt, Mapping) or 'network_g' not in opt:
         raise UserError(f'{template}: not a BasicSR option file (no network_g)')
     if opt.get('scale') != net_opt['upscale']:
@@ -654,10 +632,7 @@ def convert_checkpoint_file(checkpoint,
     """
     if template and not opt_out:
         raise UserError('--template needs --opt-out (where to write the test option file)')
-    check_distinct({'OUTPUT': output, '--opt-out': opt_out}, {'CHECKPOINT': checkpoint, '--template': template})
-    for path in filter(None, (output, opt_out)):
-        if os.path.exists(path) and not force:
-            raise UserError(f'{path} exists; pass --force to overwrite it')
+    check_outputs({'OUTPUT': output, '--opt-out': opt_out}, {'CHECKPOINT': checkpoint, '--template': template}, force)
 
     sd_d, sd_c, ignored = load_official(checkpoint)
     try:
@@ -665,11 +640,7 @@ def convert_checkpoint_file(checkpoint,
     except UserError as err:
         raise UserError(f'{checkpoint}: {err}') from None
 
-    # a real strict load into the network the options describe, as path.pretrain_network_g will do
-    from basicsr.utils.registry import ARCH_REGISTRY
-    net = ARCH_REGISTRY.get(net_opt['type'])(**{k: v for k, v in net_opt.items() if k != 'type'})
-    net.load_state_dict(state_dict, strict=True)
-    num_params = sum(v.numel() for v in state_dict.values())
+    num_params = sum(p.numel() for p in load_strictly(net_opt, state_dict).parameters())
 
     lines = [f'read {checkpoint}: state_dict_D ({len(sd_d)} arrays), state_dict_C ({len(sd_c)} arrays)']
     if ignored:
@@ -688,32 +659,17 @@ def convert_checkpoint_file(checkpoint,
                      '(head input, output convs, convergence input, rgb_mean)')
 
     # everything that can fail is done before the first file is written
-    snippet = dump_option_yaml({'network_g': OrderedDict(net_opt)})
     opt_text = None
     if opt_out:
         if template:
             opt_text = _test_options_from_template(template, net_opt, output, channel_order)
         else:
-            opt_text = f'# network_g for {os.path.basename(output)} (made by {PROG})\n' + snippet
+            opt_text = f'# network_g for {os.path.basename(output)} (made by {PROG})\n' + options_snippet(net_opt)
 
-    checkpoint = {
-        'params': state_dict,
-        # provenance; plain types only, so torch.load(weights_only=True) reads it
-        'converted_from': {
-            'file': os.path.basename(checkpoint),
-            'sha256': file_sha256(checkpoint),
-            'channel_order': channel_order,
-            'mean_shift': notes['mean'],
-            'network_g': dict(net_opt),
-            'tool': PROG
-        },
-    }
-    save_checkpoint(checkpoint, output)  # .safetensors by the output's name, else torch.save
-    lines.append(f'wrote {output}: {len(state_dict)} tensors, {num_params / 1e6:.2f}M parameters')
-
+    converted_from = dict(source_record(checkpoint), channel_order=channel_order, mean_shift=notes['mean'], tool=PROG)
+    # no top-level network_g: rgb_mean is not in the weights, and the option file stays the one place for it
+    lines += write_converted(
+        output, state_dict, net_opt, converted_from, num_params, opt_out, opt_text, carry_options=False)
     if opt_out:
-        atomic_write_text(opt_out, opt_text)
         lines.append(f'wrote {opt_out}' + (' (a complete test option file)' if template else ''))
-    lines.append('the converted weights need these options (note rgb_mean):')
-    lines.append(snippet.rstrip('\n'))
-    return lines
+    return lines + options_lines(net_opt, ' (note rgb_mean)')

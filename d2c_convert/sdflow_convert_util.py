@@ -53,23 +53,30 @@ an LR encoder saved with its uncertainty head (``uncertain_conv.*``: that encode
 script, whose strict load rejects such a file, nor our encoder computes); ActNorms never
 initialised; 1x1-conv masks that are not the LU masks; NaN / inf weights.
 """
-import os
+import os.path as osp
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
 
 import torch
 
-from d2c_arch import bare_key, infer_sdflow_options
-from d2c_inference.checkpoint_util import load_checkpoint, save_checkpoint, test_option_dict
+from d2c_arch import infer_sdflow_options
+from d2c_convert.convert_util import (
+    check_mapping,
+    check_outputs,
+    load_strictly,
+    options_lines,
+    read_state_dict,
+    short_list,
+    source_record,
+    target_shapes,
+    write_converted,
+)
+from d2c_inference.checkpoint_util import test_option_dict
 from d2c_utils.errors import UserError
 from d2c_utils.option_check import dump_option_yaml
-from d2c_utils.output_util import atomic_write_text, check_distinct, file_sha256
 
 PROG = 'd2c-convert-sdflow'
 REPO_URL = 'https://github.com/sunwj/sdflow'
-WRAPPER_KEYS = ('params_ema', 'params', 'state_dict')  # looked for, in this order, around a state dict
-MAX_LISTED = 8  # keys listed in one error line before "... and N more"
 TEMPERATURE = 0.8  # the official scripts' default --tau
 MIXTURE_SAMPLING = 'image'  # official DegFlow: one component per image
 
@@ -234,40 +241,9 @@ def sdflow_key(part, key):
     return None
 
 
-def _short_list(items, limit=MAX_LISTED):
-    items = list(items)
-    shown = ', '.join(items[:limit])
-    if len(items) > limit:
-        shown += f', ... and {len(items) - limit} more'
-    return shown
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading and recognising the files
 # ----------------------------------------------------------------------------------------------
-def unwrap_state_dict(obj, path, part):
-    """The official state dict inside what ``torch.load`` returned, ``module.`` prefixes removed.
-
-    Returns:
-        tuple[OrderedDict, str | None]: the state dict and the wrapper key it was under (None: bare).
-    """
-    expected = PARTS[part].describe()
-    if not isinstance(obj, Mapping):
-        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; {PARTS[part].flag} expects '
-                        f'{expected}, as released with {REPO_URL}')
-    wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    state = obj if wrapper is None else obj[wrapper]
-    if not state:
-        raise UserError(f'{path}: the state dict' + (f' [{wrapper}]' if wrapper else '') + f' is empty; '
-                        f'{PARTS[part].flag} expects {expected}')
-    not_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
-    if not_tensors:
-        raise UserError(f'{path}: not a state dict of tensors: {_short_list(repr(k) for k in not_tensors)} '
-                        f'(top-level keys: {_short_list(repr(str(k)) for k in obj)}); {PARTS[part].flag} expects '
-                        f'{expected}')
-    return OrderedDict((bare_key(str(k)), v) for k, v in state.items()), wrapper
-
-
 def identify(state):
     """What a state dict (``module.`` removed) looks like: a part name, or a description of something else."""
     keys = list(state)
@@ -304,7 +280,7 @@ def check_part(state, part, path):
                         f'{PARTS[found].flag} and give {want.flag} {want.filename}')
     if found is not None:
         raise UserError(f'{path} is {found}; {want.flag} expects {want.describe()}, as released with {REPO_URL}')
-    raise UserError(f'{path}: not {want.describe()}: found {len(state)} keys such as {_short_list(list(state), 4)}; '
+    raise UserError(f'{path}: not {want.describe()}: found {len(state)} keys such as {short_list(list(state), 4)}; '
                     f'{want.flag} expects the keys saved by {REPO_URL}')
 
 
@@ -312,7 +288,7 @@ def _check_lrencoder(state, path):
     head = [k for k in state if k.startswith('uncertain_conv.')]
     if head:
         raise UserError(
-            f'{path}: LRImageEncoderFM saved with its uncertainty head ({_short_list(head, 2)}): that encoder was '
+            f'{path}: LRImageEncoderFM saved with its uncertainty head ({short_list(head, 2)}): that encoder was '
             'built with with_uncertainty=True and returns tanh of its content, which neither the official SR '
             'script (it builds the encoder without the head and loads strictly, so it refuses this file too) nor '
             'SDFlow\'s encoder computes. Use the released lrencoder.pth (no uncertain_conv.* keys)')
@@ -346,14 +322,14 @@ def _check_dropped(state, dropped, path):
                                 'be converted faithfully')
 
 
-def _check_initialised(converted, mapped_from, part_of):
+def _check_initialised(converted, origins):
     stale = [
-        f'{part_of[k]}: {mapped_from[k]}' for k, v in converted.items()
+        f'{origins[k][0]}: {origins[k][1]}' for k, v in converted.items()
         if k.endswith('.initialized') and int(v.reshape(-1)[0]) != 1
     ]
     if stale:
         raise UserError(f'{len(stale)} ActNorm layer(s) were never initialised (initialized = 0): '
-                        f'{_short_list(stale, 4)}; such a layer sets itself from the first batch it sees, so the file '
+                        f'{short_list(stale, 4)}; such a layer sets itself from the first batch it sees, so the file '
                         'holds no trained values for it (not a trained checkpoint)')
 
 
@@ -388,7 +364,7 @@ def convert_state_dicts(states, paths=None):
     if unknown:
         raise ValueError(f'unknown SDFlow parts {unknown}; use {list(PARTS)}')
 
-    converted, mapped_from, part_of, notes = OrderedDict(), {}, {}, {'mapped': {}, 'dropped': {}}
+    converted, origins, notes = OrderedDict(), {}, {'mapped': {}, 'dropped': {}}
     for part in [p for p in PARTS if p in states]:
         state, path = states[part], paths[part]
         check_part(state, part, path)
@@ -403,11 +379,11 @@ def convert_state_dicts(states, paths=None):
                 dropped.append(key)
             else:
                 if target in converted:  # two official keys onto one of ours: a bug in the rules
-                    raise AssertionError(f'{path}: {key} and {mapped_from[target]} both map to {target}')
-                converted[target], mapped_from[target], part_of[target] = value, key, path
+                    raise AssertionError(f'{path}: {key} and {origins[target][1]} both map to {target}')
+                converted[target], origins[target] = value, (path, key)
         if leftover:
             raise UserError(f'{path}: {len(leftover)} key(s) match no module of {PARTS[part].official}: '
-                            f'{_short_list(leftover)}; the file is not {PARTS[part].describe()} of the released code '
+                            f'{short_list(leftover)}; the file is not {PARTS[part].describe()} of the released code '
                             '(or it comes from a modified model)')
         _check_dropped(state, dropped, path)
         notes['mapped'][part] = len(state) - len(dropped)
@@ -431,31 +407,17 @@ def convert_state_dicts(states, paths=None):
     if net_opt['downscaler']:
         net_opt['mixture_sampling'] = MIXTURE_SAMPLING
 
-    targets = _target_shapes(net_opt)
+    targets = target_shapes(net_opt)
     flag_of = {PARTS[p].module: PARTS[p].flag for p in PARTS}
-    missing = [f'{k} ({flag_of.get(k.split(".")[0], "?")})' for k in targets if k not in converted]
-    unexpected = [f'{part_of[k]}: {mapped_from[k]} (-> {k})' for k in converted if k not in targets]
-    resized = [
-        f'{part_of[k]}: {mapped_from[k]} {tuple(converted[k].shape)} vs SDFlow {k} {shape}'
-        for k, shape in targets.items() if k in converted and tuple(converted[k].shape) != shape
-    ]
-    errors = []
-    if unexpected:
-        errors.append(f'{len(unexpected)} key(s) beyond the layout read from the shapes: {_short_list(unexpected)}')
-    if missing:
-        errors.append(f'{len(missing)} SDFlow key(s) no file gave: {_short_list(missing)}')
-    if resized:
-        errors.append(f'{len(resized)} shape mismatch(es): {_short_list(resized)}')
-    if errors:
-        raise UserError('; '.join(errors) + f' (layout read from the files: {layout_text(net_opt)})')
-    broken = [
-        f'{part_of[k]}: {mapped_from[k]}' for k, v in converted.items()
-        if v.is_floating_point() and not v.isfinite().all()
-    ]
-    if broken:
-        raise UserError(f'{len(broken)} tensor(s) hold NaN or inf values: {_short_list(broken)}; the file is damaged '
-                        '(or was saved after training diverged)')
-    _check_initialised(converted, mapped_from, part_of)
+    check_mapping(
+        converted,
+        targets,
+        origins,
+        'SDFlow',
+        layout_text(net_opt),
+        describe_missing=lambda k: f'{k} ({flag_of.get(k.split(".")[0], "?")})',
+        absent='key(s) no file gave')
+    _check_initialised(converted, origins)
 
     state_dict = OrderedDict()
     for key in targets:
@@ -472,18 +434,6 @@ def convert_state_dicts(states, paths=None):
 
 def _count(state, prefix):
     return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
-
-
-def _network_kwargs(net_opt):
-    return {k: v for k, v in net_opt.items() if k != 'type'}
-
-
-def _target_shapes(net_opt):
-    """SDFlow's state-dict keys and shapes, from a network built on the meta device (no memory)."""
-    from d2c_arch import SDFlow
-    with torch.device('meta'):
-        net = SDFlow(**_network_kwargs(net_opt))
-    return OrderedDict((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
 def layout_text(net_opt):
@@ -552,36 +502,29 @@ def convert_files(hrnet, lrencoder, output, contentnet=None, degnet=None, opt_ou
         have, lack = (('--contentnet', '--degnet') if 'contentnet' in given else ('--degnet', '--contentnet'))
         raise UserError(f'{have} without {lack}: the downscaler needs both contentnet.pth (the LR flow) and '
                         'degnet.pth (the degradation flow); give both, or neither for the SR path only')
-    check_distinct({'OUT.pth': output, '--opt-out': opt_out}, {PARTS[part].flag: path for part, path in given.items()})
-    for path in filter(None, (output, opt_out)):
-        if os.path.exists(path) and not force:
-            raise UserError(f'{path} exists; pass --force to overwrite it')
+    check_outputs({
+        'OUT.pth': output,
+        '--opt-out': opt_out
+    }, {
+        PARTS[part].flag: path
+        for part, path in given.items()
+    }, force)
     seen = {}
     for part, path in given.items():
-        real = os.path.realpath(path)
+        real = osp.realpath(path)
         if real in seen:
             raise UserError(f'{path} is given as both {PARTS[seen[real]].flag} and {PARTS[part].flag}')
         seen[real] = part
 
     states, wrappers, lines = OrderedDict(), {}, []
     for part, path in given.items():
-        if not os.path.isfile(path):
-            raise UserError(f'{PARTS[part].flag} {path}: file not found (pass {PARTS[part].describe()})')
-        try:
-            obj = load_checkpoint(path, f'{PARTS[part].flag} <{PARTS[part].filename}>')
-        except UserError as err:
-            raise UserError(f'{err} ({PARTS[part].flag} expects {PARTS[part].describe()})') from None
-        states[part], wrappers[part] = unwrap_state_dict(obj, path, part)
+        expects = f'{PARTS[part].flag} expects {PARTS[part].describe()}, as released with {REPO_URL}'
+        states[part], wrappers[part] = read_state_dict(path, f'{PARTS[part].flag} <{PARTS[part].filename}>', expects)
         lines.append(f'read {path}: {len(states[part])} tensors of {PARTS[part].official}' +
                      (f' (under {wrappers[part]!r})' if wrappers[part] else ''))
     state_dict, net_opt, notes = convert_state_dicts(states, dict(given))
 
-    # a real strict load into the network the options describe, as path.pretrain_network_g will do
-    from d2c_arch import SDFlow
-    net = SDFlow(**_network_kwargs(net_opt))
-    net.load_state_dict(state_dict, strict=True)
-    counts = _parameter_counts(net)
-    del net
+    counts = _parameter_counts(load_strictly(net_opt, state_dict))
 
     lines.append(f'layout: {layout_text(net_opt)}')
     dropped = sum(notes['dropped'].values())
@@ -590,40 +533,17 @@ def convert_files(hrnet, lrencoder, output, contentnet=None, degnet=None, opt_ou
     lines.append(f'sampling options (not in the weights): temperature {TEMPERATURE}' +
                  (f', mixture_sampling {MIXTURE_SAMPLING!r} (the official sampler)' if net_opt['downscaler'] else ''))
     opt_text = option_file_text(net_opt, output) if opt_out else None
-    result = {
-        'params': state_dict,
-        'network_g': dict(net_opt),
-        # provenance; plain types only, so torch.load(weights_only=True) reads it
-        'converted_from': {
-            'files': {
-                part: {
-                    'file': os.path.basename(path),
-                    'sha256': file_sha256(path),
-                    'official': PARTS[part].official,
-                    'wrapper': wrappers[part],
-                }
-                for part, path in given.items()
-            },
-            'repository': REPO_URL,
-            'network_g': dict(net_opt),
-            'tool': PROG,
-        },
+    files = {
+        part: dict(source_record(path), official=PARTS[part].official, wrapper=wrappers[part])
+        for part, path in given.items()
     }
-    save_checkpoint(result, output)  # .safetensors by the output's name, else torch.save
-    if opt_out:
-        try:
-            atomic_write_text(opt_out, opt_text)
-        except BaseException:
-            os.remove(output)  # all or nothing
-            raise
+    converted_from = {'files': files, 'repository': REPO_URL, 'tool': PROG}
     parts = ', '.join(f'{name} {count / 1e6:.2f}M' for name, count in counts.items()
                       if name not in ('sr_path', 'ds_path', 'total'))
     paths = f'SR path {counts["sr_path"] / 1e6:.2f}M' + (f', downscaling path {counts["ds_path"] / 1e6:.2f}M'
                                                          if 'ds_path' in counts else '')
     lines.append(f'parameters: {parts}; {paths}; total {counts["total"] / 1e6:.2f}M ({counts["total"]:,})')
-    lines.append(f'wrote {output}: {len(state_dict)} tensors, sha256 {file_sha256(output)}')
+    lines += write_converted(output, state_dict, net_opt, converted_from, counts['total'], opt_out, opt_text)
     if opt_out:
         lines.append(f'wrote {opt_out} (a test option file; its data set is a placeholder)')
-    lines.append('the converted weights need these options:')
-    lines.append(dump_option_yaml({'network_g': OrderedDict(net_opt)}).rstrip('\n'))
-    return lines
+    return lines + options_lines(net_opt)

@@ -31,6 +31,7 @@ from d2c_arch.arch_util import accepted_options
 from d2c_arch.d2cnet_arch import SUPPORTED_SCALES
 from d2c_arch.upsample_util import build_tail
 from d2c_utils.errors import UserError
+from d2c_utils.option_check import load_option_text
 
 # model types whose training d2c-swap knows how to keep, and what they become
 MODEL_SWAPS = {'SRModel': 'D2CModel', 'SwinIRModel': 'D2CModel', 'RealESRNetModel': 'D2CRealESRNetModel'}
@@ -199,12 +200,14 @@ class SwapResult:
 
 
 def load_options(text, source):
-    """The option file's content as BasicSR reads it (PyYAML), and its node tree with positions."""
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise UserError(f'{source}: not valid YAML: {err}') from None
+    """The option file's content as BasicSR reads it, and its node tree with positions (for editing the text).
+
+    The content comes from the one option-file reader (:func:`d2c_utils.option_check.load_option_text`:
+    its size and alias limits, no ``!!python`` tags); once that has parsed the text, composing it again
+    for the positions cannot fail.
+    """
+    data = load_option_text(text, source)
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
     if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
         raise UserError(f'{source}: not a BasicSR option file (the top level is not a mapping).')
     return data, root
@@ -422,7 +425,7 @@ def swap_options(text,
 
 def _check_swapped(old, new_text, source, d2c_opt, new_model):
     """The edited text must read (as BasicSR reads it) as the old options with only D2C's changes."""
-    new = yaml.safe_load(new_text)
+    new = load_option_text(new_text, source)
     expected = copy.deepcopy(old)
     expected['name'] = new.get('name')
     expected['model_type'] = new_model
