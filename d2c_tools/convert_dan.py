@@ -9,8 +9,10 @@ The file is read with ``torch.load(weights_only=True)``: no code from it runs. S
 import argparse
 import sys
 
-from d2c_convert.dan_convert_util import DEFAULT_LOOP, PROG, convert_checkpoint_file
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
+
+# the library (torch, basicsr) is imported in main(), after the arguments are read: --help answers at once
+PROG = 'd2c-convert-dan'
 
 
 def build_parser():
@@ -38,9 +40,9 @@ def build_parser():
     parser.add_argument(
         '--loop',
         type=int,
-        default=DEFAULT_LOOP,
-        help=f'iterations T written to network_g (not stored in the weights; default {DEFAULT_LOOP}, as in every '
-        'official option file)')
+        default=None,
+        help='iterations T written to network_g (not stored in the weights; default 4, as in every official '
+        'option file)')
     parser.add_argument('--force', action='store_true', help='overwrite OUT.pth / --opt-out if they exist')
     return parser
 
@@ -52,8 +54,10 @@ def main(argv=None):
     0 on success, 2 on bad input (one line on stderr saying what and how to fix it).
     """
     args = build_parser().parse_args(argv)
+    from d2c_convert.dan_convert_util import DEFAULT_LOOP, convert_checkpoint_file
+    loop = DEFAULT_LOOP if args.loop is None else args.loop
     try:
-        lines = convert_checkpoint_file(args.checkpoint, args.output, args.pca, args.opt_out, args.loop, args.force)
+        lines = convert_checkpoint_file(args.checkpoint, args.output, args.pca, args.opt_out, loop, args.force)
     except (UserError, OSError) as err:
         return report_user_error(PROG, ' '.join(str(err).split()))
     print('\n'.join(lines))

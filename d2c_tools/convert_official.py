@@ -9,8 +9,11 @@ The file is read without MegEngine and without running code from it; see
 import argparse
 import sys
 
-from d2c_convert.official_util import CHANNEL_ORDERS, PROG, convert_checkpoint_file
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
+
+# the library (torch, basicsr) is imported in main(), after the arguments are read: --help answers at once
+PROG = 'd2c-convert-official'
+CHANNEL_ORDERS = ('rgb', 'bgr')  # d2c_convert.official_util checks the same two
 
 
 def build_parser():
@@ -63,6 +66,7 @@ def main(argv=None):
     0 on success, 2 on bad input (one line on stderr saying what and how to fix it).
     """
     args = build_parser().parse_args(argv)
+    from d2c_convert.official_util import convert_checkpoint_file
     try:
         lines = convert_checkpoint_file(args.checkpoint, args.output, args.opt_out, args.template, args.channel_order,
                                         not args.strict_mean_shift, args.scale, args.force)

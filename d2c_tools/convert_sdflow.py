@@ -11,8 +11,10 @@ The files are read with ``torch.load(weights_only=True)``: no code from them run
 import argparse
 import sys
 
-from d2c_convert.sdflow_convert_util import PROG, convert_files
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
+
+# the library (torch, basicsr) is imported in main(), after the arguments are read: --help answers at once
+PROG = 'd2c-convert-sdflow'
 
 
 def build_parser():
@@ -49,6 +51,7 @@ def main(argv=None):
     0 on success, 2 on bad input (one line on stderr saying what and how to fix it).
     """
     args = build_parser().parse_args(argv)
+    from d2c_convert.sdflow_convert_util import convert_files
     try:
         lines = convert_files(args.hrnet, args.lrencoder, args.output, args.contentnet, args.degnet, args.opt_out,
                               args.force)
