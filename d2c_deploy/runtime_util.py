@@ -169,7 +169,7 @@ class OnnxRuntimeModel(RuntimeModel):
         super().__init__(path, meta)
         ort = require('onnxruntime', '--backend onnxruntime')
         providers = ['CPUExecutionProvider']
-        if device.type == 'cuda':
+        if getattr(device, 'type', device) == 'cuda':
             if 'CUDAExecutionProvider' not in ort.get_available_providers():
                 raise UserError('--device cuda with ONNX Runtime needs the onnxruntime-gpu package (this one has '
                                 f'{ort.get_available_providers()}); use --device cpu')
