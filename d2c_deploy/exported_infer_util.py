@@ -119,7 +119,12 @@ def run_exported(args, prog, warn, select_inputs):
         method.refuse(args.given, args.model)
         inputs = select_inputs(args)
         cache_dir = default_cache_dir() if args.cache_dir is None else args.cache_dir
-        model = open_runtime_model(path, backend, 'cpu', cache_dir, args.precision)
+        try:
+            model = open_runtime_model(path, backend, 'cpu', cache_dir, args.precision)
+        except UserError:
+            if path == args.model:
+                raise
+            return None  # a damaged cache entry: the PyTorch-driven path exports the checkpoint again
         if need_branches and not model.has_branches:
             raise UserError(f'{args.model} has only the fused output; --save-branches, --save-weights and --reference '
                             'need a file exported with d2c-export --outputs all')
