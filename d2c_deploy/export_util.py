@@ -12,7 +12,7 @@ decisions on shapes as constants: SwinIR's attention mask, for one, is then the 
 at every size. The self-check (:func:`check_export`) catches such graphs.
 """
 import contextlib
-import importlib
+import importlib  # noqa: F401  (tests patch export_util.importlib.import_module)
 import io
 import json
 import time
@@ -24,14 +24,12 @@ from torch import nn as nn
 
 from d2c_utils.errors import UserError
 from d2c_utils.output_util import atomic_write
+# what the runtimes read back needs no torch: d2c-infer's deployed path imports it alone
+from .metadata_util import EXPORT_PRECISIONS, EXTRAS, FORMAT, META_PREFIX, OUTPUTS, parse_metadata, require  # noqa: F401
 
-FORMAT = 'd2c-sr/onnx/1'  # metadata 'd2c_sr.format'; bump when the inputs/outputs change meaning
-META_PREFIX = 'd2c_sr.'
 # 18: the lowest opset torch's exporter writes, so the widest range of runtimes reads it (tested: ONNX
 # Runtime 1.32, OpenVINO 2026.4)
 DEFAULT_OPSET = 18
-OUTPUTS = {'fused': ('sr', ), 'all': ('sr', 'branches', 'weights')}
-EXPORT_PRECISIONS = ('fp32', 'fp16')
 # the example the graph is traced with, and the (different, odd) size it is checked on
 TRACE_SIZE = (64, 64)
 CHECK_SIZE = (45, 71)
@@ -41,17 +39,6 @@ CHECK_SIZE = (45, 71)
 # (SwinIR's attention mask of the traced size) measured 60-70 dB. fp16: a 10-bit mantissa gives
 # 55-70 dB on these networks; 45 dB stays 5 dB under the 50 dB at which the runtimes are compared.
 MIN_AGREEMENT_DB = {'fp32': 80., 'fp16': 45.}
-EXTRAS = {'onnx': 'onnx', 'onnxscript': 'onnx', 'onnxruntime': 'onnx', 'openvino': 'openvino'}
-
-
-def require(module, purpose):
-    """Import an optional dependency or raise a UserError naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        extra = EXTRAS.get(module, module)
-        raise UserError(f'{purpose} needs the Python package {module!r} ({err}); install it with '
-                        f'pip install "d2c-sr[{extra}]" (or pip install -e ".[{extra}]" in a checkout)') from None
 
 
 class ExportWrapper(nn.Module):
@@ -102,35 +89,6 @@ def read_metadata(model_proto, path):
     """
     props = {p.key[len(META_PREFIX):]: p.value for p in model_proto.metadata_props if p.key.startswith(META_PREFIX)}
     return parse_metadata(props, path)
-
-
-def parse_metadata(props, path):
-    """Typed metadata from the ``d2c_sr.*`` strings (keys without the prefix); UserError if not ours."""
-    if props.get('format') != FORMAT:
-        found = f'format {props["format"]!r}' if 'format' in props else 'no d2c_sr.* metadata'
-        raise UserError(f'{path} is not an ONNX file written by d2c-export ({found}, expected {FORMAT!r}); '
-                        'export the checkpoint with d2c-export MODEL.pth -o MODEL.onnx')
-    meta = dict(props)
-    for key in ('upscale', 'num_branch', 'tree_depth', 'tree_width', 'num_in_ch', 'size_multiple'):
-        try:
-            meta[key] = int(meta[key])
-        except (KeyError, ValueError):
-            meta[key] = None
-        if meta[key] is None or meta[key] < 1:
-            raise UserError(f'{path}: its metadata d2c_sr.{key}={props.get(key)!r} is not a positive integer; the '
-                            'file is damaged or was edited: export the checkpoint again with d2c-export')
-    try:
-        meta['network_g'] = json.loads(meta.get('network_g') or '{}')
-    except ValueError as err:
-        raise UserError(f'{path}: its metadata d2c_sr.network_g is not valid JSON ({err}); export the checkpoint '
-                        'again with d2c-export') from None
-    if not isinstance(meta['network_g'], dict):
-        raise UserError(f'{path}: its metadata d2c_sr.network_g is not a mapping; export the checkpoint again')
-    for key, allowed in (('outputs', tuple(OUTPUTS)), ('precision', EXPORT_PRECISIONS)):
-        if meta.get(key) not in allowed:
-            raise UserError(f'{path}: its metadata d2c_sr.{key}={meta.get(key)!r} is not one of {allowed}; export '
-                            'the checkpoint again with d2c-export')
-    return meta
 
 
 def _dynamic_shapes(size_multiple):

@@ -11,28 +11,32 @@ an ``.onnx`` file, or exports a ``.pth`` checkpoint once and keeps the file in a
 the checkpoint's bytes and options, so later runs start at once.
 """
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
 from os import path as osp
 
 import numpy as np
-import torch
 
 from d2c_utils.errors import UserError
-from d2c_utils.output_util import remove_stale_temps
-from .export_util import OUTPUTS, export_onnx, parse_metadata, require
+from d2c_utils.output_util import atomic_write_bytes, remove_stale_temps
+from .metadata_util import OUTPUTS, parse_metadata, require
+
+# torch is imported only by what takes tensors (RuntimeModel.run) and by the export: d2c-infer on an
+# exported model runs with numpy and the runtime alone (d2c_deploy.exported_infer_util)
 
 BACKENDS = ('auto', 'torch', 'onnxruntime', 'openvino')
 # measured by benchmarks/bench_export.py on a 2-core AVX512-BF16 CPU (README, Export and deployment):
 # OpenVINO at its default precision was the fastest at >= 50 dB agreement, then our own PyTorch path
 AUTO_ORDER_CPU = ('openvino', 'torch')
 CACHE_ENV = 'D2C_SR_CACHE'
-# OpenVINO's names of the precisions d2c-sr's autocast dtypes stand for
-_OV_HINTS = {None: 'f32', torch.bfloat16: 'bf16', torch.float16: 'f16'}
+# OpenVINO's names of d2c-sr's precisions (None: fp32)
+_OV_HINTS = {None: 'f32', 'bf16': 'bf16', 'fp16': 'f16'}
 
 
 def installed(backend):
@@ -46,17 +50,18 @@ def select_backend(requested, model_path, device):
     Args:
         requested (str): One of :data:`BACKENDS`.
         model_path (str): A ``.pth`` checkpoint or an ``.onnx`` file.
-        device (torch.device): The device asked for.
+        device (torch.device | str): The device (or its type, 'cpu' / 'cuda') asked for.
 
     Returns:
         tuple[str, str]: backend name and the reason it was chosen.
     """
     is_onnx = model_path.lower().endswith('.onnx')
+    device_type = getattr(device, 'type', device)
     if requested == 'torch' and is_onnx:
         raise UserError(f'--backend torch runs .pth checkpoints; {model_path} is an ONNX file: use --backend '
                         'onnxruntime, openvino or auto')
     if requested != 'auto':
-        if requested == 'openvino' and device.type == 'cuda':
+        if requested == 'openvino' and device_type == 'cuda':
             raise UserError('--backend openvino runs on the CPU here; use --device cpu, or --backend onnxruntime / '
                             'torch for CUDA')
         if not installed(requested):
@@ -64,7 +69,7 @@ def select_backend(requested, model_path, device):
             raise UserError(f'--backend {requested}: the package {requested!r} is not installed; install it with '
                             f'pip install "d2c-sr[{extra}]"')
         return requested, 'requested'
-    if device.type == 'cuda':
+    if device_type == 'cuda':
         if not is_onnx:
             return 'torch', 'auto: CUDA device'
         order = ('onnxruntime', )
@@ -72,7 +77,7 @@ def select_backend(requested, model_path, device):
         order = ('openvino', 'onnxruntime') if is_onnx else AUTO_ORDER_CPU
     for backend in order:
         if installed(backend):
-            return backend, f'auto: the fastest installed on {device.type.upper()} (README, Export and deployment)'
+            return backend, f'auto: the fastest installed on {device_type.upper()} (README, Export and deployment)'
     raise UserError(f'{model_path} is an ONNX file and neither OpenVINO nor ONNX Runtime is installed; install one '
                     'with pip install "d2c-sr[openvino]" or pip install "d2c-sr[onnx]"')
 
@@ -118,13 +123,38 @@ class RuntimeModel:
             return_branches (bool): Also return branches (N, P, C, sh, sw) and weights (N, P, sh, sw).
             dtype (torch.dtype | None): Reduced precision to compute in (backend-specific).
         """
+        import torch  # noqa: PLC0415  (only the tensor interface needs it)
+
+        precision = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(dtype)
+        outs = self.run_array(lq.detach().cpu().float().numpy(), return_branches, precision)
+        if return_branches:
+            return tuple(torch.from_numpy(out) for out in outs)
+        return torch.from_numpy(outs)
+
+    def run_array(self, lq, return_branches=False, precision=None):
+        """One forward pass on float32 arrays: what :meth:`run` does, without torch.
+
+        Args:
+            lq (ndarray): (N, C, h, w) float32 in [0, 1].
+            return_branches (bool): Also return branches (N, P, C, sh, sw) and weights (N, P, sh, sw).
+            precision (str | None): 'bf16' / 'fp16' to compute in (backend-specific), None: fp32.
+
+        Returns:
+            ndarray | tuple[ndarray, ndarray, ndarray]: float32, not clamped: SR (N, C, sh, sw), and with
+            ``return_branches`` also the branches and the weights.
+        """
         if return_branches and not self.has_branches:
             raise UserError(f'{self.path} has only the fused output; branches, weight maps and --reference metrics '
                             'need a file exported with d2c-export --outputs all')
-        array = np.ascontiguousarray(lq.detach().cpu().float().numpy())
+        array = np.ascontiguousarray(lq, dtype=np.float32)
         # one image at a time: the tile loop sends one, and SwinIR files have a batch of 1
-        outs = [self._run(array[i:i + 1], dtype) for i in range(array.shape[0])]
-        outs = [torch.from_numpy(np.concatenate(parts, axis=0)) for parts in zip(*outs)]
+        if array.shape[0] == 1:
+            outs = self._run(array, precision)
+        else:
+            outs = [
+                np.concatenate(parts, axis=0)
+                for parts in zip(*(self._run(array[i:i + 1], precision) for i in range(array.shape[0])))
+            ]
         return tuple(outs[:3]) if return_branches else outs[0]
 
     def _run(self, array, dtype):
@@ -139,7 +169,7 @@ class OnnxRuntimeModel(RuntimeModel):
         super().__init__(path, meta)
         ort = require('onnxruntime', '--backend onnxruntime')
         providers = ['CPUExecutionProvider']
-        if device.type == 'cuda':
+        if getattr(device, 'type', device) == 'cuda':
             if 'CUDAExecutionProvider' not in ort.get_available_providers():
                 raise UserError('--device cuda with ONNX Runtime needs the onnxruntime-gpu package (this one has '
                                 f'{ort.get_available_providers()}); use --device cpu')
@@ -153,8 +183,8 @@ class OnnxRuntimeModel(RuntimeModel):
         self.input_name = self.session.get_inputs()[0].name
         self.precision_name = meta['precision']
 
-    def _run(self, array, dtype):
-        if dtype is not None:
+    def _run(self, array, precision):
+        if precision is not None:
             raise UserError('ONNX Runtime runs the file in the precision it was exported in; use --precision fp32 '
                             '(or auto), or export with d2c-export --precision fp16')
         return self.session.run(None, {self.input_name: array})
@@ -164,34 +194,87 @@ class OpenVINOModel(RuntimeModel):
     """An exported D2CNet compiled by OpenVINO for the CPU, once per precision (dynamic shapes).
 
     OpenVINO's CPU plugin computes in bf16 by default on CPUs with native bf16 (AVX512-BF16,
-    AMX), in fp32 elsewhere; :attr:`default_dtype` says which, as an autocast dtype.
+    AMX), in fp32 elsewhere; :attr:`default_precision` says which ('bf16' or None).
+
+    With a ``cache_dir``, compiled models are kept in OpenVINO's model cache (its ``CACHE_DIR``)
+    in ``<cache_dir>/openvino/<OpenVINO version>-<precision>/<file digest>/``: a later run loads
+    the compiled blob instead of compiling the file again; a new OpenVINO, another precision or
+    other file contents compile into a folder of their own (OpenVINO's own key for a file is its
+    path: an edited file would load the old blob). None or '' compiles every run.
+
+    Args:
+        path (str): The ONNX file.
+        meta (dict): Its metadata.
+        cache_dir (str | None): The cache folder of d2c-sr (:func:`default_cache_dir`), or None / ''.
+        precision (str | None): 'auto' (:attr:`default_precision`), 'fp32', 'bf16': compile for it now,
+            so a file OpenVINO refuses is reported before any image and the compile time is known
+            (:attr:`prepare_seconds`); None: compile on first use.
     """
     backend = 'openvino'
 
-    def __init__(self, path, meta):
+    def __init__(self, path, meta, cache_dir=None, precision=None):
         super().__init__(path, meta)
-        ov = require('openvino', '--backend openvino')
-        self.core = ov.Core()
+        self.ov = require('openvino', '--backend openvino')
+        self.core = self.ov.Core()
         hint = str(self.core.get_property('CPU', 'INFERENCE_PRECISION_HINT'))
-        self.default_dtype = torch.bfloat16 if 'bf16' in hint or 'bfloat16' in hint else None
-        try:
-            self.model = self.core.read_model(path)
-        except Exception as err:
-            raise runtime_error(path, 'OpenVINO', err) from None
+        self.default_precision = 'bf16' if 'bf16' in hint or 'bfloat16' in hint else None
+        self.cache_dir = cache_dir
         self.compiled = {}
+        self.compile_cached = {}
         self.precision_name = meta['precision']
+        self.model = None
+        self.digest = None
+        if not cache_dir:  # in memory: the file may be a temporary export, removed once opened
+            try:
+                self.model = self.core.read_model(path)
+            except Exception as err:
+                raise runtime_error(path, 'OpenVINO', err) from None
+        if precision in ('auto', 'fp32', 'bf16'):
+            self.compiled_for({'auto': self.default_precision, 'fp32': None, 'bf16': 'bf16'}[precision])
 
-    def compiled_for(self, dtype):
-        """The model compiled for ``dtype`` (None: fp32), compiling it on first use."""
-        if dtype not in self.compiled:
+    @property
+    def default_dtype(self):
+        """:attr:`default_precision` as an autocast dtype (torch.bfloat16 or None), for the PyTorch-driven path."""
+        if self.default_precision is None:
+            return None
+        import torch  # noqa: PLC0415
+
+        return torch.bfloat16
+
+    def model_cache_folder(self, precision):
+        """OpenVINO's cache folder for ``precision`` (None: fp32), or None without a cache."""
+        if not self.cache_dir:
+            return None
+        if self.digest is None:
+            from d2c_utils.output_util import file_sha256  # noqa: PLC0415
+            self.digest = file_sha256(self.path)[:16]
+        version = re.sub(r'[^A-Za-z0-9.+-]', '_', self.ov.__version__)  # '2026.4.1-...-releases/2026/4'
+        return osp.join(self.cache_dir, 'openvino', f'{version}-{_OV_HINTS[precision]}', self.digest)
+
+    def compiled_for(self, precision):
+        """The model compiled for ``precision`` ('bf16' / 'fp16' / None: fp32), compiling it on first use."""
+        if precision not in self.compiled:
             start = time.perf_counter()
-            config = {'INFERENCE_PRECISION_HINT': _OV_HINTS[dtype]}
-            self.compiled[dtype] = self.core.compile_model(self.model, 'CPU', config)
+            config = {'INFERENCE_PRECISION_HINT': _OV_HINTS[precision]}
+            folder = self.model_cache_folder(precision)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                cached = bool(os.listdir(folder))
+                config['CACHE_DIR'] = folder
+            except (OSError, TypeError):  # no cache (None), or an unwritable one: compile as without one
+                cached = False
+            try:
+                # from the path: with a cache OpenVINO then skips reading the file when the blob is there
+                source = self.path if self.model is None else self.model
+                self.compiled[precision] = self.core.compile_model(source, 'CPU', config)
+            except Exception as err:  # a damaged file, an op this runtime lacks
+                raise runtime_error(self.path, 'OpenVINO', err) from None
+            self.compile_cached[precision] = cached
             self.prepare_seconds += time.perf_counter() - start
-        return self.compiled[dtype]
+        return self.compiled[precision]
 
-    def _run(self, array, dtype):
-        compiled = self.compiled_for(dtype)
+    def _run(self, array, precision):
+        compiled = self.compiled_for(precision)
         result = compiled(array)
         return [result[port] for port in compiled.outputs]
 
@@ -232,13 +315,57 @@ def read_onnx_metadata(path):
     return parse_metadata({k[len(prefix):]: v for k, v in props.items() if k.startswith(prefix)}, path)
 
 
+def installed_version(package):
+    """The installed version of ``package`` by its metadata (without importing it), or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def checkpoint_digest(model_path, net_opt, param_key, outputs):
-    """A key for the cache of exports: the checkpoint's bytes, the options, the output set, the versions."""
+    """A key for the cache of exports: the checkpoint's bytes, the options, the output set, the versions.
+
+    Computable without torch (``d2c-infer`` looks the export up before deciding whether it needs torch).
+
+    Args:
+        model_path (str): The checkpoint.
+        net_opt (dict): ``network_g`` it is built with.
+        param_key (str | None): ``--param-key`` as given (None: the loader's default); the checkpoint's
+            bytes decide which state dict that is, so the key need not know it.
+        outputs (str): 'fused' or 'all'.
+    """
     from d2c_utils.output_util import file_sha256
     digest = hashlib.sha256(file_sha256(model_path).encode())
-    settings = {'net_opt': net_opt, 'param_key': param_key, 'outputs': outputs, 'torch': torch.__version__}
+    settings = {'net_opt': net_opt, 'param_key': param_key, 'outputs': outputs, 'torch': installed_version('torch')}
     digest.update(json.dumps(settings, sort_keys=True, default=list).encode())
     return digest.hexdigest()[:32]
+
+
+def cached_export_path(cache_dir, model_path, net_opt, param_key, outputs):
+    """Where :func:`export_cached` keeps the export of a checkpoint (see :func:`checkpoint_digest`)."""
+    return osp.join(cache_dir, 'onnx', f'{checkpoint_digest(model_path, net_opt, param_key, outputs)}.onnx')
+
+
+def cached_export_info(onnx_path):
+    """What the loader said about the checkpoint of a cached export (``param_key``, ``opt_source``,
+    ``warnings``), kept beside it as ``<key>.json``; None if there is none (an export of an older version)."""
+    try:
+        with open(osp.splitext(onnx_path)[0] + '.json', encoding='utf-8') as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    keys = {'param_key', 'opt_source', 'warnings'}
+    return info if isinstance(info, dict) and keys <= set(info) else None
+
+
+def write_cached_export_info(onnx_path, info):
+    """Keep ``load_model``'s description of the checkpoint beside its cached export (see :func:`cached_export_info`)."""
+    kept = {'param_key': info.get('param_key'), 'opt_source': info.get('opt_source'), 'warnings': info['warnings']}
+    try:
+        atomic_write_bytes(osp.splitext(onnx_path)[0] + '.json', json.dumps(kept, default=str).encode('utf-8'))
+    except (OSError, UserError):  # a full or read-only cache: later runs take the PyTorch path to it, no harm
+        pass
 
 
 def export_cached(net, model_path, info, outputs, cache_dir, log):
@@ -247,7 +374,8 @@ def export_cached(net, model_path, info, outputs, cache_dir, log):
     Args:
         net (D2CNet): Loaded by :func:`d2c_inference.checkpoint_util.load_model`.
         model_path (str): Its checkpoint.
-        info (dict): What ``load_model`` returned (``net_opt``, ``param_key``).
+        info (dict): What ``load_model`` returned (``net_opt``, ``param_key``), and ``requested_param_key``
+            (``--param-key`` as given; default: ``param_key``), which keys the cache.
         outputs (str): 'fused' or 'all'.
         cache_dir (str | None): Cache folder; None or '' exports to a temporary file that is removed
             at exit (every run pays the export).
@@ -257,27 +385,41 @@ def export_cached(net, model_path, info, outputs, cache_dir, log):
         str: the ONNX file.
     """
     if cache_dir:
-        key = checkpoint_digest(model_path, info['net_opt'], info['param_key'], outputs)
-        path = osp.join(cache_dir, 'onnx', f'{key}.onnx')
+        path = cached_export_path(cache_dir, model_path, info['net_opt'],
+                                  info.get('requested_param_key', info['param_key']), outputs)
         remove_stale_temps(osp.dirname(path))  # what killed exports left
         if osp.isfile(path):
             log(f'exported model from the cache: {path}')
+            if cached_export_info(path) is None:
+                write_cached_export_info(path, info)
             return path
     else:  # a temporary file named like atomic_write's, so one a killed run left is removed by the next run
         folder = tempfile.gettempdir()
         remove_stale_temps(folder)
         path = osp.join(folder, f'.d2c-sr-export.d2c-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
+    from .export_util import export_onnx  # noqa: PLC0415  (imports torch: only a run that exports needs it)
+
     try:
         result = export_onnx(net, path, outputs=outputs, net_opt=info['net_opt'], source=osp.basename(model_path))
     except OSError as err:
         raise UserError(f'cannot write the exported model to {path}: {err.strerror or err}; pass --cache-dir '
                         'with a writable folder (or --cache-dir "" for no cache)') from None
+    if cache_dir:  # what the loader said, for the runs that find the export without loading the checkpoint
+        write_cached_export_info(path, info)
     where = f', kept in {path} for later runs' if cache_dir else ' (no cache: --cache-dir "")'
     log(f'exported {model_path} to ONNX once in {result["seconds"]:.1f} s{where}')
     return path
 
 
-def load_runtime_model(path, backend, device, outputs='all', net=None, info=None, cache_dir=None, log=print):
+def load_runtime_model(path,
+                       backend,
+                       device,
+                       outputs='all',
+                       net=None,
+                       info=None,
+                       cache_dir=None,
+                       log=print,
+                       precision=None):
     """Open an exported D2CNet for ``backend``; a ``.pth`` (already loaded as ``net``) is exported first.
 
     Args:
@@ -286,37 +428,46 @@ def load_runtime_model(path, backend, device, outputs='all', net=None, info=None
         device (torch.device): cpu (or cuda for ONNX Runtime).
         outputs (str): For a ``.pth``: what to export ('all' when branches are wanted).
         net, info: The loaded D2CNet and ``load_model``'s description, for a ``.pth``.
-        cache_dir (str | None): See :func:`export_cached`.
+        cache_dir (str | None): See :func:`export_cached`; OpenVINO keeps its compiled models
+            beside the exports (:class:`OpenVINOModel`).
         log (callable): For messages.
+        precision (str | None): ``--precision``: OpenVINO compiles for it at once (see :class:`OpenVINOModel`).
 
     Returns:
         RuntimeModel
     """
     if backend not in ('onnxruntime', 'openvino'):
         raise UserError(f'backend {backend!r}: use one of {BACKENDS}')
+
+    def open_file(onnx_path):
+        return open_runtime_model(onnx_path, backend, device, cache_dir, precision)
+
     if net is None:
-        return open_runtime_model(path, backend, device)
+        return open_file(path)
     exported = export_cached(net, path, info, outputs, cache_dir, log)
     try:
-        return open_runtime_model(exported, backend, device)
+        return open_file(exported)
     except UserError as err:
         if not cache_dir:
             raise
         # a damaged cache entry (a disk error, an edit): export again instead of failing every later run
         log(f'notice: the cached export {exported} cannot be used ({err}); exporting {path} again')
         os.remove(exported)
-        return open_runtime_model(export_cached(net, path, info, outputs, cache_dir, log), backend, device)
+        return open_file(export_cached(net, path, info, outputs, cache_dir, log))
     finally:
         if not cache_dir and osp.exists(exported):
             os.remove(exported)  # the runtimes hold the model in memory now: nothing stays in the temp folder
 
 
-def open_runtime_model(path, backend, device):
-    """An ONNX file written by d2c-export, opened for ``backend``; UserError naming the file if it cannot be."""
+def open_runtime_model(path, backend, device, cache_dir=None, precision=None):
+    """An ONNX file written by d2c-export, opened for ``backend``; UserError naming the file if it cannot be.
+
+    ``cache_dir`` and ``precision``: OpenVINO's compiled-model cache and what to compile now (:class:`OpenVINOModel`).
+    """
     meta = read_onnx_metadata(path)
     if backend == 'onnxruntime':
         return OnnxRuntimeModel(path, meta, device)
-    return OpenVINOModel(path, meta)
+    return OpenVINOModel(path, meta, cache_dir, precision)
 
 
 __all__ = [

@@ -6,9 +6,7 @@ on request, LPIPS/DISTS) against a reference image.
 """
 import csv
 import io
-import re
 import sys
-from dataclasses import dataclass, field
 from os import path as osp
 
 import cv2
@@ -21,81 +19,13 @@ from d2c_data.degradations import kernel_picture
 from d2c_metrics.perceptual_metric import calculate_dists, calculate_lpips, dists_network, lpips_network
 from d2c_utils.errors import ImageError, UserError
 from d2c_utils.eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y
-from d2c_utils.img_util import DEFAULT_MAX_PIXELS as MAX_PIXELS
 from d2c_utils.img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
 from d2c_utils.output_util import atomic_write_bytes
 from d2c_utils.precision_util import cpu_has_native_bf16, resolve_precision
 from d2c_utils.visual_util import labelled_grid, weight_heatmap
+# the options and the earlier outputs need no torch: the numpy path (array_infer_util) shares them
+from .array_infer_util import OutputOptions, earlier_outputs  # noqa: F401
 from .tile_util import super_resolve
-
-
-@dataclass
-class OutputOptions:
-    """What :func:`process_image` writes and how (``d2c-infer``'s flags of the same names).
-
-    Attributes:
-        output (str): Output folder (must exist).
-        suffix (str): Outputs are ``<name>_<suffix>.<ext>``; empty: ``<name>.<ext>``.
-        ext (str): 'auto' (the input's format where it can hold the image), 'png' or 'jpg'.
-        outscale (float | None): Final scale (LANCZOS4 resize of the output); None: the network's.
-        tile, tile_pad, pre_pad (int): Tiling (see :func:`d2c_inference.tile_util.super_resolve`).
-        save_branches (bool): Also write every branch's prediction.
-        save_weights (bool): Also write the weight heatmaps and the grid picture.
-        grid_size (int): Longest side of a grid cell; 0 = full size.
-        reference (str | None): Folder of ground-truth images with the same file names.
-        perceptual (tuple[str]): Perceptual metrics against the reference too: 'lpips', 'dists'.
-        kernel_crop (int): DAN: side of the central LR window the kernel is estimated on (0: all).
-        save_kernel (bool): DAN: also write the estimated kernel (``_kernel.png``, ``_kernel.npy``).
-        samples, temperature, seed, downscale: SDFlow (see :mod:`d2c_inference.sdflow_infer_util`).
-        max_pixels (int): Larger inputs (by their header) are skipped before decoding; 0: no limit.
-        inputs (frozenset[str]): The run's input files (real paths): never written (see :meth:`target`).
-    """
-    output: str
-    suffix: str = 'out'
-    ext: str = 'auto'
-    outscale: float = None
-    tile: int = 0
-    tile_pad: int = 32
-    pre_pad: int = 0
-    save_branches: bool = False
-    save_weights: bool = False
-    grid_size: int = 512
-    reference: str = None
-    perceptual: tuple = ()
-    kernel_crop: int = 256
-    save_kernel: bool = False
-    samples: int = 1
-    temperature: float = None
-    seed: int = 0
-    downscale: bool = False
-    max_pixels: int = MAX_PIXELS
-    inputs: frozenset = frozenset()
-    # real output path -> the input it was written for, in this run
-    claimed: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_namespace(cls, args, inputs=()):
-        """The options from parsed command-line arguments with the same names, for the run's ``inputs``."""
-        known = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
-        return cls(**known, inputs=frozenset(osp.realpath(p) for p in inputs))
-
-    def target(self, name, source):
-        """The path of output ``name`` written for input ``source``, refused if it is an input or already written.
-
-        Raises:
-            ImageError: the output would replace an input of this run, or the output of another
-                input of this run (``x.png`` and ``x.jpg`` with ``--ext png``).
-        """
-        path = osp.join(self.output, name)
-        real = osp.realpath(path)
-        if real in self.inputs:
-            raise ImageError(f'its output {path} is an input of this run and would be replaced; choose another -o or '
-                             '--suffix')
-        earlier = self.claimed.setdefault(real, source)
-        if earlier != source:
-            raise ImageError(f'its output {path} was already written for {earlier} in this run; pass --ext auto or '
-                             'rename one of the inputs')
-        return path
 
 
 def nonfinite_weights(net):
@@ -327,24 +257,3 @@ def write_metrics(out_dir, rows, perceptual=()):
         cells = [f'{row[m][0]:.2f}/{row[m][1]:.4f}' + ''.join(f'/{v:.4f}' for v in row[m][2:]) for m in methods]
         print(f'{name:{width}s}' + ''.join(c.rjust(cell) for c in cells))
     print(f'Metrics written to {csv_path}')
-
-
-# what d2c-infer appends to an input's name: --suffix, and the extra outputs of every model kind
-_OUTPUT_TAGS = r'(?:branch\d+|weight\d+|grid|kernel|sample\d+|lr\d+|mean|spread)'
-
-
-def earlier_outputs(inputs, suffix):
-    """The files among ``inputs`` that d2c-infer wrote for another of them (``<stem>_<suffix or tag>.<ext>``).
-
-    A re-run with the output folder as input folder must not super-resolve its own outputs
-    (``photo_out_out.png``).
-    """
-    stems = {osp.splitext(osp.basename(p))[0] for p in inputs}
-    tags = _OUTPUT_TAGS if not suffix else f'(?:{re.escape(suffix)}|{_OUTPUT_TAGS})'
-    pattern = re.compile(rf'(.+)_{tags}')
-    found = []
-    for path in inputs:
-        match = pattern.fullmatch(osp.splitext(osp.basename(path))[0])
-        if match and match.group(1) in stems:
-            found.append(path)
-    return found

@@ -12,7 +12,6 @@ given (a global average), so a tile sees the statistics of its padded window ins
 the image. A larger ``tile_pad`` (and larger tiles) bring the window statistics closer to the
 image's; docs/inference.md (Tiling) gives measured differences.
 """
-import math
 import warnings
 
 import torch
@@ -20,6 +19,8 @@ from torch.nn import functional as F
 
 from d2c_utils.eval_util import tensor_psnr
 from d2c_utils.precision_util import autocast, precision_name
+# the tiles and their windows: one definition for the PyTorch and the numpy path (same stitching)
+from .array_infer_util import split_even, tile_boxes  # noqa: F401
 
 # mean distance (range 0-1) between an SR image's block averages and its input beyond which the
 # output is treated as broken; a trained D2CNet is near 0.01, a random one near 0.13
@@ -98,8 +99,10 @@ class GuardedForward:
     one is recomputed in fp32; if the fp32 output is sane (or the two agree to less than
     ``AGREEMENT_DB``), the reduced precision is at fault: the fp32 output is used, ``warn``
     is called once with the reason, and all later passes run in fp32. If fp32 gives a similar
-    flat or far output, it is the model's own behaviour (or the input's) and the reduced
-    precision stays; those two checks are then switched off, so they are not paid for again.
+    flat or far output, it is the model's own behaviour (or the input's: an untrained network's
+    output is far from its input) and the reduced precision stays for the later passes (this one
+    returns the fp32 output it paid for); those two checks are then switched off, so they are not
+    paid for again: one extra pass per run at most.
     Non-finite values always mean a fall-back.
 
     Args:
@@ -138,49 +141,11 @@ class GuardedForward:
             first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
             if tensor_psnr(first(out), first(reference)) >= AGREEMENT_DB:
                 self._check_distance = False  # fp32 does the same: the model's (or input's) doing, not an overflow
-                return out
+                return reference  # paid for already, and the more exact of the two
         self.fallback_reason = f'{precision_name(self.dtype)} gave {problem}'
         self.warn(f'{self.fallback_reason}; falling back to fp32 for this and all further passes ({self.hint})')
         self.dtype = None
         return reference
-
-
-def split_even(length, tile):
-    """Split ``range(length)`` into ``ceil(length / tile)`` nearly equal parts.
-
-    Equal parts (rather than ``tile, tile, ..., rest``) avoid a thin last tile whose channel
-    attention would see statistics of a small window.
-
-    Returns:
-        list[tuple[int, int]]: (start, stop) pairs covering ``[0, length)`` without overlap.
-    """
-    num = max(1, math.ceil(length / tile))
-    bounds = [round(i * length / num) for i in range(num + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def tile_boxes(height, width, tile, tile_pad):
-    """Tiles of an (height, width) LR image and their padded input windows.
-
-    Args:
-        height, width (int): LR image size.
-        tile (int): Largest tile side (LR pixels); 0 or >= the image means one tile.
-        tile_pad (int): Context added on every side of a tile, clipped at the image border
-            (where the network's own zero padding applies, as in untiled inference).
-
-    Returns:
-        list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]: per tile
-        ``(y0, y1, x0, x1)`` of the tile and of its padded window, in LR pixels.
-    """
-    if tile <= 0:
-        tile = max(height, width)
-    boxes = []
-    for y0, y1 in split_even(height, tile):
-        for x0, x1 in split_even(width, tile):
-            window = (max(y0 - tile_pad, 0), min(y1 + tile_pad, height), max(x0 - tile_pad,
-                                                                             0), min(x1 + tile_pad, width))
-            boxes.append(((y0, y1, x0, x1), window))
-    return boxes
 
 
 def super_resolve(net,

@@ -246,10 +246,19 @@ def open_model(args, backend, device, loaded):
 
         need_branches = args.save_branches or args.save_weights or args.reference is not None
         net, info = loaded if loaded is not None else (None, {'opt_source': f'{args.model} (exported)', 'warnings': []})
+        info['requested_param_key'] = args.param_key  # keys the export cache (found later without torch)
         cache = default_cache_dir() if args.cache_dir is None else args.cache_dir
         log = lambda message: print(f'{PROG}: {message}', file=sys.stderr)  # noqa: E731
         model = load_runtime_model(
-            args.model, backend, device, 'all' if need_branches else 'fused', net, info, cache, log=log)
+            args.model,
+            backend,
+            device,
+            'all' if need_branches else 'fused',
+            net,
+            info,
+            cache,
+            log=log,
+            precision=args.precision)
         if need_branches and not model.has_branches:
             raise UserError(f'{args.model} has only the fused output; --save-branches, --save-weights and --reference '
                             'need a file exported with d2c-export --outputs all')
@@ -278,7 +287,7 @@ def runtime_precision(precision, model, device):
 
 def select_inputs(args):
     """The input files; refuse a run whose every output would replace its input, drop earlier runs' outputs."""
-    from d2c_inference.infer_util import earlier_outputs
+    from d2c_inference.array_infer_util import earlier_outputs
     from d2c_utils.img_util import list_inputs
 
     inputs = list_inputs(args.input)
@@ -300,6 +309,11 @@ def select_inputs(args):
 def main(argv=None):
     """Entry point of ``d2c-infer``; returns the exit status (0, 1 some inputs skipped, 2 errors, 130 Ctrl-C)."""
     args = parse_args(argv)
+    # an exported model on ONNX Runtime / OpenVINO runs without torch (None: this run needs the path below)
+    from d2c_deploy.exported_infer_util import run_exported
+    status = run_exported(args, PROG, warn, select_inputs)
+    if status is not None:
+        return status
     from d2c_inference.checkpoint_util import load_model
     from d2c_inference.infer_util import (
         OutputOptions,

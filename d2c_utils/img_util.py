@@ -185,14 +185,13 @@ def image_kind(img):
     return kind, (65535. if img.dtype == np.uint16 else 255.)
 
 
-def split_input(img):
-    """Decoded image -> network input and what is needed to rebuild the same kind of image.
+def split_input_array(img):
+    """Decoded image -> network input as an array, and what is needed to rebuild the same kind of image.
 
     Returns:
-        tuple[Tensor, ndarray | None]: LR (1, 3, H, W) float32 RGB in [0, 1] (16-bit images keep
+        tuple[ndarray, ndarray | None]: LR (1, 3, H, W) float32 RGB in [0, 1] (16-bit images keep
         full precision) and the alpha channel (H, W) float32 in [0, 1] or None.
     """
-    from basicsr.utils import img2tensor  # only here: the readers above must not import torch
     kind, max_value = image_kind(img)
     img = img.astype(np.float32) / max_value
     alpha = None
@@ -200,12 +199,23 @@ def split_input(img):
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)  # the network is RGB: run gray as 3 equal channels
     elif kind == 'rgba':
         alpha, img = img[..., 3], img[..., :3]
-    return img2tensor(img, bgr2rgb=True, float32=True).unsqueeze(0), alpha
+    return np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))[None], alpha
 
 
-def to_bgr(tensor):
-    """(1, 3, H, W) or (3, H, W) RGB tensor -> (H, W, 3) float32 BGR ndarray, clamped to [0, 1]."""
-    rgb = tensor.reshape(-1, *tensor.shape[-2:]).clamp(0, 1).permute(1, 2, 0).numpy()
+def split_input(img):
+    """:func:`split_input_array` with the LR image as a tensor (1, 3, H, W), float32 RGB in [0, 1]."""
+    import torch  # only here: the readers above must not import torch
+
+    lq, alpha = split_input_array(img)
+    return torch.from_numpy(lq), alpha
+
+
+def to_bgr(image):
+    """(1, 3, H, W) or (3, H, W) RGB tensor or ndarray -> (H, W, 3) float32 BGR ndarray, clamped to [0, 1]."""
+    if isinstance(image, np.ndarray):
+        rgb = np.clip(image.reshape(-1, *image.shape[-2:]), 0, 1).transpose(1, 2, 0)
+    else:
+        rgb = image.reshape(-1, *image.shape[-2:]).clamp(0, 1).permute(1, 2, 0).numpy()
     return np.ascontiguousarray(rgb[..., ::-1])
 
 
