@@ -9,7 +9,6 @@ import io
 import sys
 from os import path as osp
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -19,12 +18,11 @@ from d2c_data.degradations import kernel_picture
 from d2c_metrics.perceptual_metric import calculate_dists, calculate_lpips, dists_network, lpips_network
 from d2c_utils.errors import ImageError, UserError
 from d2c_utils.eval_util import bicubic_upscale, oracle_fusion, psnr_ssim_y
-from d2c_utils.img_util import compose_output, image_kind, output_ext, read_image, split_input, to_bgr, write_image
+from d2c_utils.img_util import image_kind, read_image, split_input, write_image
 from d2c_utils.output_util import atomic_write_bytes
 from d2c_utils.precision_util import cpu_has_native_bf16, resolve_precision
-from d2c_utils.visual_util import labelled_grid, weight_heatmap
 # the options and the earlier outputs need no torch: the numpy path (array_infer_util) shares them
-from .array_infer_util import OutputOptions, earlier_outputs  # noqa: F401
+from .array_infer_util import InputImage, OutputOptions, earlier_outputs, write_outputs  # noqa: F401
 from .tile_util import super_resolve
 
 
@@ -115,24 +113,6 @@ def reference_metrics(ref_path, lq, sr, branches, scale, perceptual=()):
     }
 
 
-def write_grid(path, lq, branches, weights, sr, scale, max_side):
-    """Input (bicubic) | branches | fused, and the weight heatmaps under the branches."""
-    cells = [bicubic_upscale(lq, scale)] + [tensor2img(branches[:, i]) for i in range(branches.size(1))]
-    cells.append(tensor2img(sr))
-    heat = [weight_heatmap(w) for w in weights[0].numpy()]
-    height, width = cells[0].shape[:2]
-    if max_side and max(height, width) > max_side:  # keep the picture a viewable size
-        factor = max_side / max(height, width)
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        cells = [cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in cells]
-        heat = [cv2.resize(h, size, interpolation=cv2.INTER_AREA) for h in heat]
-    num = branches.size(1)
-    rows = [cells, [None] + heat + [None]]
-    labels = [['input (bicubic)'] + [f'branch {i + 1}' for i in range(num)] + ['fused'],
-              [''] + [f'weight {i + 1}' for i in range(num)] + ['']]
-    write_image(path, labelled_grid(rows, labels))
-
-
 class SingleOutputNetwork(torch.nn.Module):
     """A plain SR network (one output) behind D2CNet's call, which the tiling code makes.
 
@@ -196,30 +176,16 @@ def process_image(path, net, options, device, forward, prog='d2c-infer', per_ima
         return_branches=need_branches,
         forward=forward)
 
-    height, width = lq.shape[2:]
-    size = None
-    if options.outscale is not None and options.outscale != scale:
-        size = (max(1, int(round(width * options.outscale))), max(1, int(round(height * options.outscale))))
-    ext, note = output_ext(options.ext, path, kind, max_value)
-    if note:
-        tqdm.write(f'{prog}: note: {osp.basename(path)}: {note}', file=sys.stderr)
-    stem = osp.splitext(osp.basename(path))[0]
-    name = f'{stem}_{options.suffix}' if options.suffix else stem
-    write_image(options.target(f'{name}.{ext}', path), compose_output(to_bgr(sr), kind, max_value, alpha, size))
-    if options.save_branches:
-        for i in range(branches.size(1)):
-            out = compose_output(to_bgr(branches[:, i]), kind, max_value, alpha, size)
-            write_image(options.target(f'{stem}_branch{i + 1}.{ext}', path), out)
+    # the writer of the exported path: the same files, names and kinds from either
+    image = InputImage(path, lq.numpy(), alpha, kind, max_value)
+    write_outputs(image, tuple(None if t is None else t.numpy() for t in (sr, branches, weights)), scale, options, prog)
     if kernel is not None and options.save_kernel:
+        stem = osp.splitext(osp.basename(path))[0]
         kernel = kernel.cpu().numpy()
         write_image(options.target(f'{stem}_kernel.png', path), kernel_picture(kernel))
         buffer = io.BytesIO()
         np.save(buffer, kernel)
         atomic_write_bytes(options.target(f'{stem}_kernel.npy', path), buffer.getvalue())
-    if options.save_weights:
-        for i, weight in enumerate(weights[0].numpy()):
-            write_image(options.target(f'{stem}_weight{i + 1}.png', path), weight_heatmap(weight))
-        write_grid(options.target(f'{stem}_grid.png', path), lq, branches, weights, sr, scale, options.grid_size)
     if ref_path is None:
         return None
     try:

@@ -271,18 +271,11 @@ def open_model(args, backend, device, loaded):
 
 
 def runtime_precision(precision, model, device):
-    """The autocast-style dtype an exported model runs in for ``--precision`` (None: fp32)."""
-    from d2c_inference.infer_util import select_precision
+    """The autocast-style dtype an exported model runs in for ``--precision`` (None: fp32), as the torch-free path."""
+    import torch
 
-    if model.backend == 'onnxruntime':
-        if precision in ('auto', 'fp32'):
-            return None
-        raise UserError(f'--precision {precision}: ONNX Runtime runs the precision the file was exported in '
-                        f'({model.meta["precision"]}); use --precision auto or fp32, --backend openvino, or '
-                        'd2c-export --precision fp16')
-    if precision == 'auto':
-        return model.default_dtype
-    return select_precision(precision, device, warn)
+    from d2c_deploy.exported_infer_util import exported_precision
+    return {None: None, 'bf16': torch.bfloat16}[exported_precision(precision, model, warn)]
 
 
 def select_inputs(args):
