@@ -517,7 +517,7 @@ def deployable(method):
 def select_method_backend(requested, model_path, device, method):
     """:func:`select_backend` with ``auto`` following the measured order of ``method`` (:data:`AUTO_ORDER`)."""
     order = AUTO_ORDER.get(method, AUTO_ORDER_CPU)
-    if requested != 'auto' or device.type == 'cuda' or model_path.lower().endswith('.onnx'):
+    if requested != 'auto' or device.type == 'cuda' or model_path.lower().endswith('.onnx') or order is AUTO_ORDER_CPU:
         return select_backend(requested, model_path, device)
     backend = next((b for b in order if installed(b)), 'torch')
     return backend, f'auto: the fastest installed for {method} on {device.type.upper()} (README, Export and deployment)'
