@@ -80,8 +80,9 @@ def parse_args(argv):
         '--backend',
         default='auto',
         choices=BACKENDS,
-        help='what runs the network: auto = the fastest installed (OpenVINO, then PyTorch on a CPU; PyTorch on '
-        'CUDA), or torch, onnxruntime, openvino (default: %(default)s)')
+        help='what runs the network: auto = the fastest installed as measured per method (on a CPU: OpenVINO for '
+        'D2CNet and DAN, ONNX Runtime for SDFlow, then PyTorch; PyTorch on CUDA), or torch, onnxruntime, openvino '
+        '(default: %(default)s)')
     run.add_argument(
         '--cache-dir',
         default=None,
