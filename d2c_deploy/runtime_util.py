@@ -321,9 +321,10 @@ def open_runtime_model(path, backend, device):
 
 # --------------------------------------------------------------------------------- DAN and SDFlow
 # What --backend auto runs per method on a CPU, fastest first, as benchmarks/bench_export_methods.py measured
-# on the project's 2-core AMD EPYC (docs/deployment.md, speed of DAN and SDFlow; every runtime in fp32 there,
-# the CPU had no native bf16): DAN OpenVINO 1.8-2.6x plain fp32, ONNX Runtime 1.2-2.0x, our PyTorch path
-# 1.1-1.4x; SDFlow ONNX Runtime 1.6-1.9x, OpenVINO 1.5-1.8x, PyTorch 1.0-1.1x. D2CNet: AUTO_ORDER_CPU above.
+# on the project's 2-core AMD EPYC in two runs (docs/deployment.md, Speed of DAN and SDFlow; every runtime in fp32
+# there, the CPU had no native bf16): DAN OpenVINO 1.8-3.6x plain fp32, ONNX Runtime 1.2-2.6x, our PyTorch path
+# 1.1-1.5x; SDFlow ONNX Runtime ahead of OpenVINO by 5-10% in both runs (0.90 against 0.97 s at 128x128),
+# PyTorch 0.9-1.1x. D2CNet: AUTO_ORDER_CPU above.
 AUTO_ORDER = {
     'D2CNet': AUTO_ORDER_CPU,
     'DAN': ('openvino', 'onnxruntime', 'torch'),
