@@ -20,9 +20,11 @@ from d2c_inference.registry import method_named, method_of_options
 from d2c_utils.errors import UserError, report_user_error
 from d2c_utils.option_check import read_option_file
 from .runtime_util import (
+    METHOD_RUNTIME_MODELS,
     cached_export_info,
     cached_export_path,
     default_cache_dir,
+    onnx_method,
     open_runtime_model,
     select_backend,
 )
@@ -57,6 +59,11 @@ def exported_file(args, outputs):
         tuple[str, dict] | None: the file and ``opt_source``, ``param_key``, ``warnings``.
     """
     if args.model.lower().endswith('.onnx'):
+        try:  # DAN's and SDFlow's runtime models take the PyTorch-driven path (their per-method code is torch's)
+            if onnx_method(args.model) in METHOD_RUNTIME_MODELS:
+                return None
+        except UserError:  # a damaged file: the PyTorch-driven path says what is wrong
+            return None
         return args.model, {'opt_source': f'{args.model} (exported)', 'param_key': None, 'warnings': []}
     cache_dir = default_cache_dir() if args.cache_dir is None else args.cache_dir
     if not (cache_dir and args.opt and os.path.isfile(args.model)):
@@ -64,7 +71,8 @@ def exported_file(args, outputs):
     try:  # the loader's rule 1: the option file's network_g (checkpoint_util.option_file_network)
         opt = read_option_file(args.opt, flag='--opt', check=False)
         net_opt = dict(opt['network_g'])
-        if not method_of_options(net_opt, args.opt).deployable:
+        method = method_of_options(net_opt, args.opt)
+        if not method.deployable or method.name in METHOD_RUNTIME_MODELS:
             return None
         path = cached_export_path(cache_dir, args.model, net_opt, args.param_key, outputs)
     except (UserError, OSError, TypeError, KeyError):  # the PyTorch-driven path says what is wrong

@@ -6,6 +6,7 @@ deployed run imports neither torch nor basicsr.
 """
 import importlib
 import json
+from os import path as osp
 
 from d2c_utils.errors import UserError
 
@@ -32,6 +33,8 @@ def parse_metadata(props, path):
         found = f'format {props["format"]!r}' if 'format' in props else 'no d2c_sr.* metadata'
         raise UserError(f'{path} is not an ONNX file written by d2c-export ({found}, expected {FORMAT!r}); '
                         'export the checkpoint with d2c-export MODEL.pth -o MODEL.onnx')
+    if 'num_branch' not in props and props.get('graphs'):  # a method other than D2CNet (export_graphs_onnx)
+        return parse_method_metadata(props, path)
     meta = dict(props)
     for key in ('upscale', 'num_branch', 'tree_depth', 'tree_width', 'num_in_ch', 'size_multiple'):
         try:
@@ -52,4 +55,56 @@ def parse_metadata(props, path):
         if meta.get(key) not in allowed:
             raise UserError(f'{path}: its metadata d2c_sr.{key}={meta.get(key)!r} is not one of {allowed}; export '
                             'the checkpoint again with d2c-export')
+    return meta
+
+
+def graph_file(path, graph, index):
+    """The file of the ``index``-th graph of an export to ``path``: ``path`` itself, then ``<stem>.<graph>.onnx``."""
+    return path if index == 0 else f'{path[:-len(".onnx")] if path.endswith(".onnx") else path}.{graph}.onnx'
+
+
+# typed metadata of the methods' graphs (export_graphs.py); the rest stays text
+_INT_KEYS = ('upscale', 'kernel_size', 'code_length', 'loop', 'hf_channels', 'deg_channels', 'components')
+
+
+def parse_method_metadata(props, path):
+    """Typed metadata of a main file written by :func:`export_graphs_onnx` for DAN or SDFlow; UserError if damaged.
+
+    Adds ``paths``: graph -> the file (beside ``path``), checked to exist.
+    """
+
+    def damaged(key, why):
+        return UserError(f'{path}: its metadata d2c_sr.{key}={props.get(key)!r} {why}; the file is damaged or was '
+                         'edited: export the checkpoint again with d2c-export')
+
+    meta = dict(props)
+    try:
+        meta['graphs'] = json.loads(props['graphs'])
+        meta['files'] = json.loads(props.get('files') or '{}')
+        meta['network_g'] = json.loads(props.get('network_g') or '{}')
+    except ValueError as err:
+        raise damaged('graphs', f'is not valid JSON ({err})') from None
+    for key in _INT_KEYS:
+        if key in props:
+            try:
+                meta[key] = int(props[key])
+            except ValueError:
+                raise damaged(key, 'is not an integer') from None
+    if 'temperature' in props:
+        meta['temperature'] = float(props['temperature'])
+    if 'has_downscaler' in props:
+        meta['has_downscaler'] = props['has_downscaler'] == 'True'
+    if meta.get('precision') not in EXPORT_PRECISIONS:
+        raise damaged('precision', f'is not one of {EXPORT_PRECISIONS}')
+    if not props.get('method') or not isinstance(meta['graphs'], list) or set(meta['graphs']) - set(meta['files']):
+        raise damaged('files', f'does not name a file for every graph of {meta["graphs"]}')
+    folder = osp.dirname(osp.abspath(path))
+    meta['paths'] = {
+        graph: path if i == 0 else osp.join(folder, osp.basename(meta['files'][graph]))
+        for i, graph in enumerate(meta['graphs'])
+    }
+    missing = [p for p in meta['paths'].values() if not osp.isfile(p)]
+    if missing:
+        raise UserError(f'{path} needs {missing[0]} beside it (d2c-export writes one file per graph of '
+                        f'{props["method"]}: {", ".join(meta["files"].values())}); copy the files together')
     return meta

@@ -470,7 +470,320 @@ def open_runtime_model(path, backend, device, cache_dir=None, precision=None):
     return OpenVINOModel(path, meta, cache_dir, precision)
 
 
+# --------------------------------------------------------------------------------- DAN and SDFlow
+# What --backend auto runs per method on a CPU, fastest first, as benchmarks/bench_export_methods.py measured
+# on the project's 2-core AMD EPYC in two runs (docs/deployment.md, Speed of DAN and SDFlow; every runtime in fp32
+# there, the CPU had no native bf16): DAN OpenVINO 1.8-3.6x plain fp32, ONNX Runtime 1.2-2.6x, our PyTorch path
+# 1.1-1.5x; SDFlow ONNX Runtime ahead of OpenVINO by 5-10% in both runs (0.90 against 0.97 s at 128x128),
+# PyTorch 0.9-1.1x. D2CNet: AUTO_ORDER_CPU above.
+AUTO_ORDER = {
+    'D2CNet': AUTO_ORDER_CPU,
+    'DAN': ('openvino', 'onnxruntime', 'torch'),
+    'SDFlow': ('onnxruntime', 'openvino', 'torch')
+}
+
+
+class ExportedGraphs:
+    """The files of one export (``d2c_sr.paths``: graph -> file) opened by one runtime.
+
+    :meth:`run` takes and returns numpy arrays by name; OpenVINO compiles each graph once per precision.
+    """
+
+    def __init__(self, meta, backend, device):
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        self.backend = backend
+        self.paths = meta['paths']
+        self.prepare_seconds = 0.
+        self.default_dtype = None
+        start = time.perf_counter()
+        if backend == 'onnxruntime':
+            ort = require('onnxruntime', '--backend onnxruntime')
+            providers = ['CPUExecutionProvider']
+            if device.type == 'cuda':
+                if 'CUDAExecutionProvider' not in ort.get_available_providers():
+                    raise UserError('--device cuda with ONNX Runtime needs the onnxruntime-gpu package (this one has '
+                                    f'{ort.get_available_providers()}); use --device cpu')
+                providers.insert(0, 'CUDAExecutionProvider')
+            self.sessions = {}
+            for graph, path in self.paths.items():
+                try:
+                    self.sessions[graph] = ort.InferenceSession(path, providers=providers)
+                except Exception as err:
+                    raise runtime_error(path, 'ONNX Runtime', err) from None
+        else:
+            ov = require('openvino', '--backend openvino')
+            self.core = ov.Core()
+            hint = str(self.core.get_property('CPU', 'INFERENCE_PRECISION_HINT'))
+            self.default_dtype = torch.bfloat16 if 'bf16' in hint or 'bfloat16' in hint else None
+            self.models, self.compiled = {}, {}
+            for graph, path in self.paths.items():
+                try:
+                    self.models[graph] = self.core.read_model(path)
+                except Exception as err:
+                    raise runtime_error(path, 'OpenVINO', err) from None
+        self.prepare_seconds = time.perf_counter() - start
+
+    def run(self, graph, feeds, dtype=None):
+        """The outputs of ``graph`` (a list of arrays, in the file's order) for ``feeds`` (name -> array)."""
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        if self.backend == 'onnxruntime':
+            if dtype is not None:
+                raise UserError('ONNX Runtime runs the file in the precision it was exported in; use --precision '
+                                'fp32 (or auto)')
+            return self.sessions[graph].run(None, feeds)
+        key = (graph, dtype)
+        if key not in self.compiled:
+            start = time.perf_counter()
+            config = {'INFERENCE_PRECISION_HINT': _OV_HINTS[{torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(dtype)]}
+            self.compiled[key] = self.core.compile_model(self.models[graph], 'CPU', config)
+            self.prepare_seconds += time.perf_counter() - start
+        compiled = self.compiled[key]
+        result = compiled(feeds)
+        return [result[port] for port in compiled.outputs]
+
+
+def _array(tensor):
+    return np.ascontiguousarray(tensor.detach().cpu().numpy())
+
+
+class ExportedMethodModel:
+    """An exported DAN or SDFlow (``d2c-export`` files) with the calls the per-method inference code makes.
+
+    Attributes:
+        meta (dict): The main file's metadata (:func:`d2c_deploy.export_util.parse_method_metadata`).
+        backend (str): 'onnxruntime' or 'openvino'.
+        upscale (int): The scale.
+        default_dtype (torch.dtype | None): OpenVINO's default precision here (bf16 on CPUs with native bf16).
+        has_branches (bool): False: no branches or weight maps.
+        runs_exported (bool): True: inference calls :meth:`run` (and the method's own calls) instead of a module.
+    """
+    runs_exported = True
+    has_branches = False
+
+    def __init__(self, path, meta, backend, device):
+        self.path, self.meta, self.backend = path, meta, backend
+        self.upscale = meta['upscale']
+        self.graphs = ExportedGraphs(meta, backend, device)
+        self.default_dtype = self.graphs.default_dtype
+
+    @property
+    def prepare_seconds(self):
+        return self.graphs.prepare_seconds
+
+    def run(self, lq, return_branches=False, dtype=None):
+        raise NotImplementedError
+
+
+class DANRuntimeModel(ExportedMethodModel):
+    """An exported DAN: the whole loop (``dan`` graph) and the Restorer with a given code (``restore``).
+
+    What :mod:`d2c_inference.dan_infer_util` calls: :meth:`estimate_code` on the kernel window, then
+    :meth:`restore` on the image or every tile (through ``FixedKernelRestorer``), so tiles share one kernel.
+    """
+
+    def __init__(self, path, meta, backend, device):
+        super().__init__(path, meta, backend, device)
+        self.kernel_size, self.code_length, self.loop = meta['kernel_size'], meta['code_length'], meta['loop']
+
+    def estimate_code(self, lq, dtype=None):
+        """(code c_{T-1} (N, t), kernel k_T (N, l, l)), float32 on the host, of lq (N, C, h, w) in [0, 1]."""
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        _, kernel, code = self.graphs.run('dan', {'lq': _array(lq.float())}, dtype)
+        return torch.from_numpy(code).float(), torch.from_numpy(kernel).float()
+
+    def restore(self, lq, code, dtype=None):
+        """SR (N, C, sh, sw) of lq (N, C, h, w) with the code (1 or N, t): the Restorer alone."""
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        code = code.float().expand(lq.size(0), -1)
+        (sr, ) = self.graphs.run('restore', {'lq': _array(lq.float()), 'code': _array(code)}, dtype)
+        return torch.from_numpy(sr)
+
+    def run(self, lq, return_branches=False, dtype=None):
+        """The whole loop's SR image (what ``DAN.forward`` gives)."""
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        if return_branches:
+            raise UserError('DAN has no branches or weight maps; drop --save-branches / --save-weights')
+        return torch.from_numpy(self.graphs.run('dan', {'lq': _array(lq.float())}, dtype)[0])
+
+
+class SDFlowRuntimeModel(ExportedMethodModel):
+    """An exported SDFlow: SR (``sr`` graph) and downscaling (``downscale``), the random draws made here.
+
+    The draws are PyTorch's, from the caller's ``torch.Generator``, in the order and shapes of
+    ``SDFlow.super_resolve`` and ``SDFlow.downscale``: a seed gives the PyTorch backend's sample.
+    """
+
+    def __init__(self, path, meta, backend, device):
+        super().__init__(path, meta, backend, device)
+        self.temperature = meta['temperature']
+        self.mixture_sampling = meta.get('mixture_sampling', 'element')
+        self.has_downscaler = 'downscale' in meta['paths']
+
+    @staticmethod
+    def _normal(shape, temperature, generator):
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        # SDFlow's _noise draws nothing at temperature 0
+        if temperature == 0:
+            return torch.zeros(shape)
+        device = generator.device if generator is not None else 'cpu'
+        return torch.randn(shape, generator=generator, device=device).cpu()
+
+    def super_resolve(self, lq, temperature=None, generator=None, dtype=None):
+        """One SR sample (N, 3, 4h, 4w) in [0, 1] of lq (N, 3, h, w) in [0, 1] (``SDFlow.super_resolve``)."""
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        temperature = self.temperature if temperature is None else float(temperature)
+        n, _, height, width = lq.shape
+        noise = self._normal((n, self.meta['hf_channels'], height, width), temperature, generator)
+        feeds = {'lq': _array(lq.float()), 'temperature': np.array([temperature], np.float32), 'noise': _array(noise)}
+        return torch.from_numpy(self.graphs.run('sr', feeds, dtype)[0])
+
+    def downscale(self, hr, temperature=None, generator=None, dtype=None):
+        """One LR sample (N, 3, H/4, W/4) in [0, 1] of hr (N, 3, H, W), sides multiples of 4 (``SDFlow.downscale``)."""
+        import torch  # only the PyTorch-driven path of DAN and SDFlow needs it
+
+        if not self.has_downscaler:
+            raise UserError(f'{self.path} holds no downscaler (exported from an SDFlow with downscaler: false); use a '
+                            'checkpoint with lr_flow and deg_flow')
+        temperature = self.temperature if temperature is None else float(temperature)
+        n, _, height, width = hr.shape
+        pad_h, pad_w = -height % 8, -width % 8
+        x = hr.float().cpu()
+        if pad_h or pad_w:
+            x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode='reflect')
+        shape = (n, self.meta['deg_channels'], x.shape[2] // 8, x.shape[3] // 8)
+        device = generator.device if generator is not None else 'cpu'
+        count = n if self.mixture_sampling == 'image' else int(torch.Size(shape).numel())
+        index = torch.randint(self.meta['components'], (count, ), device=device, generator=generator).cpu()
+        index = index.view(-1, 1, 1, 1).expand(shape) if self.mixture_sampling == 'image' else index.view(shape)
+        noise = self._normal(shape, temperature, generator)
+        feeds = {
+            'hr': _array(x),
+            'temperature': np.array([temperature], np.float32),
+            'component': _array(index.contiguous()),
+            'noise': _array(noise)
+        }
+        lq = torch.from_numpy(self.graphs.run('downscale', feeds, dtype)[0])
+        return lq[:, :, :height // 4, :width // 4]
+
+    def run(self, lq, return_branches=False, dtype=None):
+        """An SR sample at the file's temperature, with fresh noise."""
+
+        if return_branches:
+            raise UserError('SDFlow has no branches or weight maps')
+        return self.super_resolve(lq, None, None, dtype)
+
+
+# method -> its runtime model (D2CNet: RuntimeModel and its subclasses above)
+METHOD_RUNTIME_MODELS = {'DAN': DANRuntimeModel, 'SDFlow': SDFlowRuntimeModel}
+
+
+def deployable(method):
+    """True if ``method`` (a registry entry) runs on ONNX Runtime and OpenVINO (the entry says so)."""
+    return method.deployable
+
+
+def select_method_backend(requested, model_path, device, method):
+    """:func:`select_backend` with ``auto`` following the measured order of ``method`` (:data:`AUTO_ORDER`)."""
+    order = AUTO_ORDER.get(method, AUTO_ORDER_CPU)
+    if requested != 'auto' or device.type == 'cuda' or model_path.lower().endswith('.onnx') or order is AUTO_ORDER_CPU:
+        return select_backend(requested, model_path, device)
+    backend = next((b for b in order if installed(b)), 'torch')
+    return backend, f'auto: the fastest installed for {method} on {device.type.upper()} (README, Export and deployment)'
+
+
+def onnx_method(path):
+    """The method name an ONNX file written by d2c-export holds (files before methods were named: D2CNet)."""
+    return read_onnx_metadata(path).get('method') or 'D2CNet'
+
+
+def export_method_cached(net, model_path, info, cache_dir, log):
+    """:func:`export_cached` for a method other than D2CNet: its files from the cache, or exported into it.
+
+    Returns:
+        tuple[str, list[str]]: the main file and every file of the export.
+    """
+    from .export_util import export_graphs_onnx, graph_file
+
+    graphs = info['method'].export_graphs(net)
+    if cache_dir:
+        key = checkpoint_digest(model_path, info['net_opt'], info['param_key'], info['method'].name)
+        path = osp.join(cache_dir, 'onnx', f'{key}.onnx')
+        remove_stale_temps(osp.dirname(path))
+        files = [graph_file(path, graph.name, i) for i, graph in enumerate(graphs)]
+        if all(osp.isfile(f) for f in files):
+            log(f'exported model from the cache: {path}')
+            return path, files
+    else:
+        folder = tempfile.gettempdir()
+        remove_stale_temps(folder)
+        path = osp.join(folder, f'.d2c-sr-export.d2c-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx')
+        files = [graph_file(path, graph.name, i) for i, graph in enumerate(graphs)]
+    meta = {
+        'upscale': net.upscale,
+        'network_g': json.dumps(info['net_opt'] or {}, sort_keys=True, default=list),
+        'source': osp.basename(model_path)
+    }
+    try:
+        result = export_graphs_onnx(graphs, path, info['method'].name, metadata=meta)
+    except OSError as err:
+        raise UserError(f'cannot write the exported model to {path}: {err.strerror or err}; pass --cache-dir '
+                        'with a writable folder (or --cache-dir "" for no cache)') from None
+    where = f', kept in {path} for later runs' if cache_dir else ' (no cache: --cache-dir "")'
+    log(f'exported {model_path} to ONNX once in {result["seconds"]:.1f} s{where}')
+    return path, files
+
+
+def load_method_runtime_model(path,
+                              backend,
+                              device,
+                              outputs='all',
+                              net=None,
+                              info=None,
+                              cache_dir=None,
+                              log=print,
+                              precision='auto'):
+    """:func:`load_runtime_model` for every method: D2CNet there, DAN and SDFlow here (same arguments).
+
+    ``path`` is an ``.onnx`` file (its metadata names the method) or the ``.pth`` ``net`` was loaded from
+    (``info['method']`` names it).
+    """
+    if backend not in ('onnxruntime', 'openvino'):
+        raise UserError(f'backend {backend!r}: use one of {BACKENDS}')
+    method = onnx_method(path) if net is None else info['method'].name
+    model_class = METHOD_RUNTIME_MODELS.get(method)
+    if model_class is None:
+        return load_runtime_model(path, backend, device, outputs, net, info, cache_dir, log, precision=precision)
+    if net is None:
+        return model_class(path, read_onnx_metadata(path), backend, device)
+    main, files = export_method_cached(net, path, info, cache_dir, log)
+    try:
+        try:
+            return model_class(main, read_onnx_metadata(main), backend, device)
+        except UserError as err:
+            if not cache_dir:
+                raise
+            log(f'notice: the cached export {main} cannot be used ({err}); exporting {path} again')
+            for name in files:
+                if osp.exists(name):
+                    os.remove(name)
+            main, files = export_method_cached(net, path, info, cache_dir, log)
+            return model_class(main, read_onnx_metadata(main), backend, device)
+    finally:
+        if not cache_dir:
+            for name in files:  # the runtimes hold the graphs in memory now
+                if osp.exists(name):
+                    os.remove(name)
+
+
 __all__ = [
     'BACKENDS', 'OUTPUTS', 'RuntimeModel', 'OnnxRuntimeModel', 'OpenVINOModel', 'select_backend', 'installed',
-    'load_runtime_model', 'read_onnx_metadata', 'default_cache_dir'
+    'load_runtime_model', 'read_onnx_metadata', 'default_cache_dir', 'AUTO_ORDER', 'DANRuntimeModel',
+    'SDFlowRuntimeModel', 'deployable', 'select_method_backend', 'load_method_runtime_model'
 ]

@@ -4,7 +4,8 @@ DAN's Estimator pools over its whole input, so tiles run through the full loop w
 kernel of their own. ``d2c-infer`` instead estimates the kernel once per image, on the central
 ``kernel_crop`` x ``kernel_crop`` LR pixels (the whole image when it is smaller: then the result
 equals ``net(lq)`` exactly), and restores the whole image or every tile with the Restorer and that
-one code (c_{T-1}, the code the loop's last SR image is made with).
+one code (c_{T-1}, the code the loop's last SR image is made with). An exported DAN
+(``d2c_deploy.runtime_util.DANRuntimeModel``) offers the same two steps, ``estimate_code`` and ``restore``.
 """
 import torch
 from torch import nn as nn
@@ -35,6 +36,9 @@ def estimate_kernel(net, lq, kernel_crop, device, dtype=None):
     from d2c_utils.precision_util import autocast
     window = central_crop(lq, kernel_crop) if kernel_crop else lq
     window = window.contiguous().to(device)
+    if getattr(net, 'runs_exported', False):  # ONNX Runtime / OpenVINO (d2c_deploy.runtime_util.DANRuntimeModel)
+        code, kernel = net.estimate_code(window, dtype)
+        return code.float(), kernel[0].float()
     with autocast(window.device.type, dtype):
         code, kernel = net.estimate_code(window)
     return code.float(), kernel[0].float()
@@ -50,12 +54,20 @@ class FixedKernelRestorer(nn.Module):
         super().__init__()
         self.net = net
         self.upscale = net.upscale
+        # an exported DAN: the tiling code calls run(), which restores with the runtime's ``restore`` graph
+        self.runs_exported = getattr(net, 'runs_exported', False)
         self.register_buffer('code', code, persistent=False)
 
     def forward(self, lq, return_branches=False):
         if return_branches:
             raise UserError('DAN has no branches or weight maps; drop --save-branches / --save-weights')
         return self.net.restorer(lq, self.code.expand(lq.size(0), -1).to(lq.dtype))
+
+    def run(self, lq, return_branches=False, dtype=None):
+        """What :func:`d2c_inference.tile_util.run_network` calls for an exported DAN (float32 on the host)."""
+        if return_branches:
+            raise UserError('DAN has no branches or weight maps; drop --save-branches / --save-weights')
+        return self.net.restore(lq, self.code, dtype)
 
 
 def one_kernel_per_image(net, lq, options, device, forward):

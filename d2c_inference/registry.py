@@ -229,6 +229,7 @@ class DANMethod(Method):
                 'DAN has no branches or weight maps: drop --save-branches / --save-weights (--save-kernel writes its '
                 'kernel estimate)'))
     extra_outputs = ('kernel', 'metrics')
+    deployable = True
 
     def read_options(self, state):
         from d2c_arch import infer_dan_options
@@ -264,6 +265,7 @@ class SDFlowMethod(Method):
                 'SDFlow writes samples: drop --save-branches / --save-weights / --reference / --outscale '
                 '(--samples N writes N samples with their mean and spread)'), )
     extra_outputs = ('samples', 'mean', 'spread', 'downscaled')
+    deployable = True
     channels_last = False  # its flows reshape (squeeze) every step: NCHW is what they were measured in
 
     def read_options(self, state):

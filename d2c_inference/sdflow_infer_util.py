@@ -30,9 +30,15 @@ class SampledSR(nn.Module):
         super().__init__()
         self.net, self.temperature, self.generator = net, temperature, generator
         self.upscale = net.upscale
+        # an exported SDFlow (d2c_deploy.runtime_util.SDFlowRuntimeModel): the tiling code calls run()
+        self.runs_exported = getattr(net, 'runs_exported', False)
 
     def forward(self, lq, return_branches=False):
         return self.net.super_resolve(lq, self.temperature, self.generator)
+
+    def run(self, lq, return_branches=False, dtype=None):
+        """What :func:`d2c_inference.tile_util.run_network` calls for an exported SDFlow (float32 on the host)."""
+        return self.net.super_resolve(lq, self.temperature, self.generator, dtype)
 
 
 def _generator(device, seed):
@@ -70,7 +76,9 @@ def process_sdflow_image(path, net, options, device, forward, prog='d2c-infer'):
     total = total_sq = None
     for i in range(options.samples):
         gen = _generator(device, options.seed + i)
-        if options.downscale:
+        if options.downscale and getattr(net, 'runs_exported', False):
+            out = net.downscale(src, temperature, gen, dtype)
+        elif options.downscale:
             with torch.no_grad(), autocast(device.type, dtype):
                 out = net.downscale(src.to(device), temperature, gen).float().cpu()
         else:

@@ -1,4 +1,4 @@
-"""Export a trained D2C-SR checkpoint to ONNX, for ONNX Runtime, OpenVINO and other runtimes.
+"""Export a trained D2C-SR, DANv2 or SDFlow checkpoint to ONNX, for ONNX Runtime, OpenVINO and other runtimes.
 
     d2c-export experiments/D2C_RealSR_x4/models/net_g_latest.pth -o D2C_RealSR_x4.onnx \\
         --opt options/train_D2C_RealSR_x4.yml
@@ -11,6 +11,13 @@ The file takes ``lq``: (N, C, H, W) float32 RGB in [0, 1] with any batch, height
 (``d2c_sr.*``) holds the scale, the tree and the network_g options, so ``d2c-infer --model
 FILE.onnx`` needs nothing else.
 
+DAN: ``MODEL.onnx`` runs the whole loop, ``lq`` -> ``sr``, ``kernel`` (N, l, l) and ``code`` (N, t);
+``MODEL.restore.onnx`` restores with a given code, (``lq``, ``code``) -> ``sr`` (d2c-infer estimates the
+kernel once per image and restores every tile with it). SDFlow: ``MODEL.onnx`` is SR, (``lq``,
+``temperature`` (1,), ``noise`` (N, 45, H, W) ~ N(0, I)) -> ``sr`` in [0, 1], the same noise giving the same
+sample; ``MODEL.downscale.onnx`` the downscaler, (``hr`` (sides multiples of 8), ``temperature``,
+``component`` and ``noise`` (N, 12, H/8, W/8)) -> ``lr``. fp32 only for both.
+
 The export checks itself: ONNX Runtime runs the file on an input of another size than the one
 traced, and every output must agree with PyTorch fp32 to >= 80 dB PSNR (fp32 file; float32
 reordering stays near 130 dB, a graph with a size baked in measured 60-70 dB) or >= 45 dB (fp16
@@ -19,7 +26,6 @@ failed check (one line naming the file and what to do); an existing file (--forc
 by a new one that passed.
 """
 import argparse
-import os
 import sys
 from os import path as osp
 
@@ -40,16 +46,6 @@ def parse_size(text):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT of at least 8x8 such as 71x45, got {text!r}')
-
-
-def unchecked_path(output):
-    """Where the file is written and checked before it is renamed to ``output`` (hidden, in the same folder).
-
-    Named like :func:`d2c_utils.output_util.atomic_write`'s temporary files, so one left by a killed run
-    is removed by the next write into that folder.
-    """
-    folder, name = osp.split(osp.abspath(output))
-    return osp.join(folder, f'.{name}.d2c-{os.getpid()}-unchecked.tmp')
 
 
 def parse_args(argv):
@@ -111,31 +107,24 @@ def main(argv=None):
         net, info = load_model(args.model, args.opt, args.param_key, 'cpu')
         for line in info['warnings']:
             print(f'{PROG}: warning: {args.model}: {line}', file=sys.stderr)
-        # written and checked under a temporary name in the output's folder: an existing file (-f) is replaced
-        # only by a file that passed, and a kill leaves no half-written or unchecked .onnx
-        unchecked = unchecked_path(args.output)
-        result = export_util.export_onnx(
+        # every file written and checked under a temporary name, then put in place (see export_util.export_method)
+        result, agreement = export_util.export_method(
             net,
-            unchecked,
+            info['method'].name,
+            args.output,
             outputs=args.outputs,
             precision=args.precision,
             opset=args.opset,
             net_opt=info['net_opt'],
-            source=osp.basename(args.model))
-        agreement = None
-        try:
-            if args.check:
-                agreement = export_util.check_export(net, unchecked, args.precision, args.check_size)
-            os.replace(unchecked, args.output)
-        finally:
-            if osp.exists(unchecked):
-                os.remove(unchecked)  # a file that computes something else must not be used
+            source=osp.basename(args.model),
+            check=args.check,
+            check_size=args.check_size,
+            force=args.force)
     except UserError as err:
         return report_user_error(PROG, err)
     batch = 'any batch' if result['dynamic_batch'] else 'batch 1 (SwinIR windows)'
-    print(f'{args.output}: D2CNet x{net.upscale}, {net.num_branch} branches, outputs {args.outputs} '
-          f'({", ".join(OUTPUTS[args.outputs])}), {args.precision}, opset {result["opset"]}, {batch}, any height and '
-          f'width; {result["bytes"] / 2**20:.1f} MiB, exported in {result["seconds"]:.1f} s')
+    print(f'{", ".join(result["files"].values())}: {result["summary"]}, {args.precision}, opset {result["opset"]}, '
+          f'{batch}, any height and width; {result["bytes"] / 2**20:.1f} MiB, exported in {result["seconds"]:.1f} s')
     if agreement is not None:
         shown = ', '.join(f'{name} {db:.1f} dB' for name, db in agreement.items())
         height, width = args.check_size

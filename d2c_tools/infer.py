@@ -80,8 +80,9 @@ def parse_args(argv):
         '--backend',
         default='auto',
         choices=BACKENDS,
-        help='what runs the network: auto = the fastest installed (OpenVINO, then PyTorch on a CPU; PyTorch on '
-        'CUDA), or torch, onnxruntime, openvino (default: %(default)s)')
+        help='what runs the network: auto = the fastest installed as measured per method (on a CPU: OpenVINO for '
+        'D2CNet and DAN, ONNX Runtime for SDFlow, then PyTorch; PyTorch on CUDA), or torch, onnxruntime, openvino '
+        '(default: %(default)s)')
     run.add_argument(
         '--cache-dir',
         default=None,
@@ -217,9 +218,9 @@ def warn(message):
 
 def choose_backend(args, method, device):
     """The backend that runs ``method`` and why; methods without an export run on PyTorch."""
-    from d2c_deploy.runtime_util import select_backend
+    from d2c_deploy.runtime_util import deployable, select_backend, select_method_backend
 
-    if not method.deployable:
+    if not deployable(method):
         if args.backend not in ('auto', 'torch'):
             raise UserError(f'--backend {args.backend}: {method.name} checkpoints run with --backend torch (or auto); '
                             'd2c-export does not export them yet')
@@ -227,7 +228,7 @@ def choose_backend(args, method, device):
     if args.compile:  # select_backend refuses an .onnx file for torch
         backend, why = select_backend('torch', args.model, device)
         return backend, why if args.backend == 'torch' else 'auto: --compile runs PyTorch'
-    return select_backend(args.backend, args.model, device)
+    return select_method_backend(args.backend, args.model, device, method.name)
 
 
 def open_model(args, backend, device, loaded):
@@ -242,14 +243,14 @@ def open_model(args, backend, device, loaded):
         dtype = select_precision(args.precision, device, warn)
         net = info['method'].prepare(net.to(device), args, warn)
     else:
-        from d2c_deploy.runtime_util import default_cache_dir, load_runtime_model
+        from d2c_deploy.runtime_util import default_cache_dir, load_method_runtime_model
 
         need_branches = args.save_branches or args.save_weights or args.reference is not None
         net, info = loaded if loaded is not None else (None, {'opt_source': f'{args.model} (exported)', 'warnings': []})
         info['requested_param_key'] = args.param_key  # keys the export cache (found later without torch)
         cache = default_cache_dir() if args.cache_dir is None else args.cache_dir
         log = lambda message: print(f'{PROG}: {message}', file=sys.stderr)  # noqa: E731
-        model = load_runtime_model(
+        model = load_method_runtime_model(
             args.model,
             backend,
             device,
@@ -327,8 +328,9 @@ def main(argv=None):
             args.precision = 'fp32'
         elif args.fp16:
             args.precision = 'fp16'
-        if args.model.lower().endswith('.onnx'):  # written by d2c-export (D2CNet)
-            loaded, method = None, method_named('D2CNet')
+        if args.model.lower().endswith('.onnx'):  # written by d2c-export: its metadata names the method
+            from d2c_deploy.runtime_util import onnx_method
+            loaded, method = None, method_named(onnx_method(args.model))
         else:
             loaded = load_model(args.model, args.opt, args.param_key, 'cpu')
             method = loaded[1]['method']

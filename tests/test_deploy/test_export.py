@@ -263,7 +263,7 @@ def test_d2c_export_removes_a_file_that_fails_its_check(tmp_path, tiny_model, mo
     def failing(*args, **kwargs):
         raise UserError('the exported graph disagrees with PyTorch (simulated)')
 
-    monkeypatch.setattr(export_util, 'check_export', failing)
+    monkeypatch.setattr(export_util, 'check_graphs', failing)
     out = str(tmp_path / 'bad.onnx')
     assert export.main([pth, '-o', out, '--opt', yml]) == 2
     assert 'disagrees' in capsys.readouterr().err and not os.path.exists(out)

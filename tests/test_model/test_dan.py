@@ -406,7 +406,6 @@ def test_d2c_infer_runs_dan_with_one_kernel_for_all_tiles(tmp_path, capsys):
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # every tile restored with the same kernel
     assert cv2.imread(str(tmp_path / 'whole' / 'a_kernel.png')).shape[:2] == (88, 88)
     assert infer.main(common + ['-o', str(tmp_path / 'x'), '--save-branches']) == 2
-    assert infer.main(common + ['-o', str(tmp_path / 'x'), '--backend', 'onnxruntime']) == 2
 
 
 @pytest.mark.slow
