@@ -38,15 +38,10 @@ from d2c_utils.errors import UserError
 from d2c_utils.output_util import atomic_write
 # what the runtimes read back needs no torch: d2c-infer's deployed path imports it alone
 from .metadata_util import (  # noqa: F401  (importable from here as before)
-    EXPORT_PRECISIONS, EXTRAS, FORMAT, META_PREFIX, OUTPUTS, graph_file, parse_metadata, parse_method_metadata, require,
+    CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, EXTRAS, FORMAT, META_PREFIX, OUTPUTS, TRACE_SIZE, graph_file,
+    parse_metadata, parse_method_metadata, require,
 )
 
-# 18: the lowest opset torch's exporter writes, so the widest range of runtimes reads it (tested: ONNX
-# Runtime 1.32, OpenVINO 2026.4)
-DEFAULT_OPSET = 18
-# the example the graph is traced with, and the (different, odd) size it is checked on
-TRACE_SIZE = (64, 64)
-CHECK_SIZE = (45, 71)
 # Agreement the self-check requires, PSNR over the [0, 1] range. fp32: the runtime only reorders
 # float32 sums, which stays near 1e-7 (about 130 dB); 80 dB (RMS 1e-4, 1/40 of an 8-bit level) sits far
 # above that and far below any graph that computes something else: a shape baked into the graph

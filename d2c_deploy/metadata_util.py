@@ -14,6 +14,13 @@ FORMAT = 'd2c-sr/onnx/1'  # metadata 'd2c_sr.format'; bump when the inputs/outpu
 META_PREFIX = 'd2c_sr.'
 OUTPUTS = {'fused': ('sr', ), 'all': ('sr', 'branches', 'weights')}
 EXPORT_PRECISIONS = ('fp32', 'fp16')
+# the export's settings d2c-export shows in its --help (export_util uses them; kept here, free of torch)
+# 18: the lowest opset torch's exporter writes, so the widest range of runtimes reads it (tested: ONNX
+# Runtime 1.32, OpenVINO 2026.4)
+DEFAULT_OPSET = 18
+# the example the graph is traced with, and the (different, odd) size it is checked on
+TRACE_SIZE = (64, 64)
+CHECK_SIZE = (45, 71)
 EXTRAS = {'onnx': 'onnx', 'onnxscript': 'onnx', 'onnxruntime': 'onnx', 'openvino': 'openvino'}
 
 

@@ -29,11 +29,10 @@ import argparse
 import sys
 from os import path as osp
 
-import d2c_model  # noqa: F401  (registers D2CNet; applies the compat shim before basicsr)
-from d2c_deploy import export_util
-from d2c_deploy.export_util import CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, OUTPUTS
-from d2c_inference.checkpoint_util import load_model
+from d2c_deploy.metadata_util import CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, OUTPUTS
 from d2c_utils.errors import UserError, command_line_tool, report_user_error
+
+# the library (torch, basicsr) is imported in main(), after the arguments are read: --help answers at once
 
 PROG = 'd2c-export'
 
@@ -99,6 +98,9 @@ def parse_args(argv):
 def main(argv=None):
     """Entry point of ``d2c-export``; returns the exit status (0, or 2 for bad input / a failed check)."""
     args = parse_args(argv)
+    import d2c_model  # noqa: F401  (registers the networks with BasicSR)
+    from d2c_deploy import export_util
+    from d2c_inference.checkpoint_util import load_model
     try:
         if args.model.lower().endswith('.onnx'):
             raise UserError(f'{args.model} is already an ONNX file; d2c-export takes a .pth checkpoint')

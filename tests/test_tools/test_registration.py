@@ -132,3 +132,16 @@ def test_entry_points_have_help(module):
 def test_old_module_spellings_of_the_tools_still_work(module):
     result = run_python(None, args=['-m', module, '--help'])
     assert result.returncode == 0 and '--model' in result.stdout and module.split('.')[1] in result.stdout
+
+
+def test_every_console_script_answers_help_without_importing_torch():
+    """--help parses before the library is imported (issue 24: start-up well under a second)."""
+    import importlib.metadata
+    scripts = [e for e in importlib.metadata.entry_points(group='console_scripts') if e.value.startswith('d2c_tools.')]
+    assert len(scripts) >= 9
+    for entry in scripts:
+        module, func = entry.value.split(':')
+        code = (f'import sys\nfrom {module} import {func} as main\ntry:\n    main(["--help"])\nexcept SystemExit:\n'
+                '    pass\nprint(sorted(m for m in ("torch", "basicsr", "torchvision") if m in sys.modules))')
+        result = run_python(code)
+        assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == '[]', (entry.name, result)
