@@ -37,9 +37,17 @@ from torch import nn as nn
 from d2c_utils.errors import UserError
 from d2c_utils.output_util import atomic_write
 # what the runtimes read back needs no torch: d2c-infer's deployed path imports it alone
-from .metadata_util import (  # noqa: F401  (importable from here as before)
-    CHECK_SIZE, DEFAULT_OPSET, EXPORT_PRECISIONS, EXTRAS, FORMAT, META_PREFIX, OUTPUTS, TRACE_SIZE, graph_file,
-    parse_metadata, parse_method_metadata, require,
+from .metadata_util import (
+    CHECK_SIZE,
+    DEFAULT_OPSET,
+    EXPORT_PRECISIONS,
+    FORMAT,
+    META_PREFIX,
+    OUTPUTS,
+    TRACE_SIZE,
+    graph_file,
+    parse_metadata,
+    require,
 )
 
 # Agreement the self-check requires, PSNR over the [0, 1] range. fp32: the runtime only reorders

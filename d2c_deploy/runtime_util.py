@@ -552,7 +552,7 @@ class ExportedMethodModel:
     """An exported DAN or SDFlow (``d2c-export`` files) with the calls the per-method inference code makes.
 
     Attributes:
-        meta (dict): The main file's metadata (:func:`d2c_deploy.export_util.parse_method_metadata`).
+        meta (dict): The main file's metadata (:func:`d2c_deploy.metadata_util.parse_method_metadata`).
         backend (str): 'onnxruntime' or 'openvino'.
         upscale (int): The scale.
         default_dtype (torch.dtype | None): OpenVINO's default precision here (bf16 on CPUs with native bf16).
@@ -709,7 +709,8 @@ def export_method_cached(net, model_path, info, cache_dir, log):
     Returns:
         tuple[str, list[str]]: the main file and every file of the export.
     """
-    from .export_util import export_graphs_onnx, graph_file
+    from .export_util import export_graphs_onnx
+    from .metadata_util import graph_file
 
     graphs = info['method'].export_graphs(net)
     if cache_dir:
