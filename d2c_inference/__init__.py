@@ -1,5 +1,8 @@
 """Inference: from a checkpoint file to output images, for every method.
 
+* :mod:`.registry`: the method registry, one entry per method (D2CNet, DAN, SDFlow, VDSR/RDN/IMDN).
+* :mod:`.export_graphs`: what each method exports (the graphs ``d2c-export`` writes).
+* :mod:`.array_infer_util`: the numpy tiling, guard and output writer (no torch: the deployed path's).
 * :mod:`.checkpoint_util`: the one checkpoint loader and writer (``.pth`` / ``.safetensors``), the
   precedence of network options (option file, options carried in the checkpoint, options read from
   the weights) and the one mismatch message.
