@@ -288,6 +288,19 @@ def psnr_db(a, b):
 
 
 @torch.no_grad()
+def require_agreement(agreement, precision, size):
+    """``agreement`` (output name -> dB against PyTorch) if every output meets ``MIN_AGREEMENT_DB``; else UserError."""
+    need = MIN_AGREEMENT_DB[precision]
+    bad = {name: db for name, db in agreement.items() if not db >= need}  # NaN compares False: a failure
+    if bad:
+        shown = ', '.join(f'{name} {db:.1f} dB' for name, db in bad.items())
+        raise UserError(
+            f'the exported graph disagrees with PyTorch on a {size[1]}x{size[0]} input (WxH): {shown}, '
+            f'{precision} needs >= {need:.0f} dB; the graph recorded something of the traced '
+            f'{TRACE_SIZE[1]}x{TRACE_SIZE[0]} input as a constant. Please report it with the network_g block')
+    return agreement
+
+
 def check_export(net, path, precision='fp32', size=CHECK_SIZE, seed=0):
     """Run the exported file with ONNX Runtime and compare every output with PyTorch fp32.
 
@@ -327,15 +340,7 @@ def check_export(net, path, precision='fp32', size=CHECK_SIZE, seed=0):
                         '(WxH): the weights hold NaN/inf or overflow; export a checkpoint from before training '
                         'diverged')
     agreement = {name: psnr_db(torch.from_numpy(array), reference[name]) for name, array in zip(names, got)}
-    need = MIN_AGREEMENT_DB[precision]
-    bad = {name: db for name, db in agreement.items() if not db >= need}  # NaN compares False: a failure
-    if bad:
-        shown = ', '.join(f'{name} {db:.1f} dB' for name, db in bad.items())
-        raise UserError(
-            f'the exported graph disagrees with PyTorch on a {size[1]}x{size[0]} input (WxH): {shown}, '
-            f'{precision} needs >= {need:.0f} dB; the graph recorded something of the traced '
-            f'{TRACE_SIZE[1]}x{TRACE_SIZE[0]} input as a constant. Please report it with the network_g block')
-    return agreement
+    return require_agreement(agreement, precision, size)
 
 
 @torch.no_grad()
@@ -384,15 +389,7 @@ def check_graphs(graphs, files, precision='fp32', size=CHECK_SIZE, seed=0):
             name: psnr_db(torch.from_numpy(array), ref)
             for name, array, ref in zip(names, got, reference)
         })
-    need = MIN_AGREEMENT_DB[precision]
-    bad = {name: db for name, db in agreement.items() if not db >= need}  # NaN compares False: a failure
-    if bad:
-        shown = ', '.join(f'{name} {db:.1f} dB' for name, db in bad.items())
-        raise UserError(
-            f'the exported graph disagrees with PyTorch on a {size[1]}x{size[0]} input (WxH): {shown}, '
-            f'{precision} needs >= {need:.0f} dB; the graph recorded something of the traced '
-            f'{TRACE_SIZE[1]}x{TRACE_SIZE[0]} input as a constant. Please report it with the network_g block')
-    return agreement
+    return require_agreement(agreement, precision, size)
 
 
 def unchecked_path(output):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_sdflow import TINY as TINY_SDFLOW
 
 from d2c_arch import DAN, SDFlow
 from d2c_arch import flow_util as fu
@@ -32,17 +33,7 @@ DAN_OPT = dict(
     loop=2,
     estimator_feat=8,
     estimator_blocks=1)
-SDFLOW_OPT = dict(
-    num_feat=8,
-    hidden_channels=8,
-    flow_steps=2,
-    hf_steps=2,
-    hf_blocks=1,
-    deg_steps=2,
-    deg_blocks=1,
-    encoder_blocks=1,
-    encoder_mod_convs=1,
-    mixture_components=4)
+SDFLOW_OPT = TINY_SDFLOW  # the SDFlow tests' tiny network
 
 
 def tiny_dan():
